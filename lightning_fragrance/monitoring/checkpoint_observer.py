@@ -1,0 +1,84 @@
+"""`PrometheusCheckpointObserver`: feeds checkpoint events of the checkpointing engine to metrics.
+
+The checkpointing engine reports saves, rollbacks and errors to observers (a small structural
+interface, ``CheckpointObserver``), so it needs no metrics import and this module needs no
+checkpointing import: the methods below match that protocol by name and signature.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lightning_fragrance.monitoring.collector import OperationsMetricsCollector
+from lightning_fragrance.monitoring.metrics import RollbackReason
+
+log = logging.getLogger(__name__)
+
+_REASONS = {reason.value for reason in RollbackReason}
+
+
+def normalise_rollback_reason(reason: object) -> str:
+    """Map a reason (enum member, its value, or free text) onto the bounded label vocabulary.
+
+    ``RollbackReason.KL_SPIKE``, ``"kl_spike"`` and ``"KL spike 0.05 > 0.03"`` all map to
+    ``kl_spike``; anything unrecognised becomes ``other`` so the label stays bounded.
+    """
+    text = str(getattr(reason, "value", reason)).strip().lower()
+    if text in _REASONS:
+        return text
+    words = text.replace("-", " ").replace("_", " ")
+    for candidate in RollbackReason:
+        if candidate.value.replace("_", " ") in words:
+            return candidate.value
+    for keyword, mapped in (
+        ("kl", RollbackReason.KL_SPIKE),
+        ("loss", RollbackReason.LOSS_SPIKE),
+        ("reward", RollbackReason.REWARD_DROP),
+        ("nan", RollbackReason.NON_FINITE),
+        ("inf", RollbackReason.NON_FINITE),
+        ("finite", RollbackReason.NON_FINITE),
+        ("grad", RollbackReason.GRAD_NORM),
+    ):
+        if keyword in words.split():
+            return mapped.value
+    return RollbackReason.OTHER.value
+
+
+class PrometheusCheckpointObserver:
+    """A ``CheckpointObserver`` that records into an ``OperationsMetricsCollector``.
+
+    Feeds ``checkpoint_saves_total{result}``, ``checkpoint_rollbacks_total{reason}`` and
+    ``checkpoint_save_seconds{phase}``. Attach it with
+    ``RollbackCheckpoint(observers=[PrometheusCheckpointObserver(collector)])``, or use
+    ``PrometheusLogger.checkpoint_observer`` so the events are pushed with the training metrics.
+    A metrics failure is logged and swallowed: metrics must never break a checkpoint save.
+
+    Args:
+        collector: Collector built with the checkpoint group.
+    """
+
+    def __init__(self, collector: OperationsMetricsCollector) -> None:
+        self.collector = collector
+
+    def on_checkpoint_saved(
+        self, step: int, nbytes: int, blocking_seconds: float, write_seconds: float
+    ) -> None:
+        """A checkpoint was committed."""
+        try:
+            self.collector.record_checkpoint_save(blocking_seconds, write_seconds)
+        except (ValueError, RuntimeError):
+            log.exception("could not record the checkpoint save of step %d", step)
+
+    def on_rollback(self, from_step: int, to_step: int, reason: str) -> None:
+        """Training rolled back from ``from_step`` to the checkpoint of ``to_step``."""
+        try:
+            self.collector.record_rollback(normalise_rollback_reason(reason))
+        except (ValueError, RuntimeError):
+            log.exception("could not record the rollback %d -> %d", from_step, to_step)
+
+    def on_checkpoint_error(self, step: int, error: BaseException) -> None:
+        """Saving the checkpoint of ``step`` failed."""
+        try:
+            self.collector.record_checkpoint_error()
+        except RuntimeError:
+            log.exception("could not record the checkpoint error of step %d", step)
