@@ -1,0 +1,137 @@
+"""DDP consensus: a trigger seen by one rank rolls every rank back to the same checkpoint.
+
+The run is a real `Trainer.fit` with `strategy="ddp"` on two CPU processes (gloo), started as a
+standalone script (`ddp_rollback_script.py`): Lightning's DDP launcher re-runs the calling command
+for rank 1, which must not be pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_rollback_script.py")
+# Two gloo ranks of a tiny MLP take ~10 s here (research note §3.3); the bound only stops a hang
+# (mismatched collectives hang forever) from eating the whole suite.
+RUN_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run_ddp_script(checkpoint_dir: Path, out_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "PL_GLOBAL_SEED"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(checkpoint_dir), str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        # Its own process group, so a hang is ended with both ranks (rank 1 is rank 0's child).
+        start_new_session=True,
+    )
+    try:
+        stdout, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        pytest.fail(
+            f"the 2-rank DDP run did not finish within {RUN_TIMEOUT_S} s (a hang: ranks "
+            f"disagreeing on a collective?); its output:\n{stdout[-4000:]}"
+        )
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, None)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    base = tmp_path_factory.mktemp("ddp")
+    checkpoint_dir, out_dir = base / "checkpoints", base / "out"
+    checkpoint_dir.mkdir()
+    out_dir.mkdir()
+    result = _run_ddp_script(checkpoint_dir, out_dir)
+    assert result.returncode == 0, f"DDP script failed:\n{result.stdout[-6000:]}"
+    return checkpoint_dir, out_dir, result.stdout
+
+
+def _report(out_dir: Path, rank: int) -> dict:
+    return json.loads((out_dir / f"rank{rank}.json").read_text())
+
+
+def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: different keys {sorted(a)} vs {sorted(b)}"
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}: tensor {key!r} differs"
+
+
+def test_one_rank_trigger_rolls_back_both_ranks_to_the_same_step(
+    ddp_run: tuple[Path, Path, str],
+) -> None:
+    _, out_dir, stdout = ddp_run
+    rank0, rank1 = _report(out_dir, 0), _report(out_dir, 1)
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    # Only rank 1 saw the spike...
+    assert rank1["saw_spike"] and not rank0["saw_spike"]
+    # ...and both ranks rolled back, once, to the same step.
+    assert rank0["rollback_count"] == rank1["rollback_count"] == 1, stdout[-4000:]
+    events0, events1 = rank0["rollback_events"], rank1["rollback_events"]
+    assert len(events0) == len(events1) == 1
+    assert events0[0]["to_step"] == events1[0]["to_step"]
+    assert events0[0]["at_step"] == events1[0]["at_step"]
+    assert events0[0]["to_step"] < events0[0]["at_step"]
+    # The global step kept counting on both ranks: the run still did its max_steps.
+    assert rank0["global_step"] == rank1["global_step"]
+
+
+def test_after_a_one_rank_trigger_both_ranks_hold_the_checkpoint_weights(
+    ddp_run: tuple[Path, Path, str],
+) -> None:
+    checkpoint_dir, out_dir, _ = ddp_run
+    to_step = _report(out_dir, 0)["rollback_events"][0]["to_step"]
+    after0 = torch.load(out_dir / "rank0_after_rollback.pt", weights_only=True)
+    after1 = torch.load(out_dir / "rank1_after_rollback.pt", weights_only=True)
+    _assert_same_tensors(after0, after1, "rank 0 vs rank 1 right after the rollback")
+
+    checkpoint_file = checkpoint_dir / f"checkpoint_step_{to_step}.ckpt"
+    assert checkpoint_file.exists(), sorted(p.name for p in checkpoint_dir.iterdir())
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    _assert_same_tensors(after0, checkpoint["state_dict"], "rank 0 vs the checkpoint file")
+
+    # Training went on after the rollback and the replicas stayed in sync (DDP does not
+    # re-broadcast parameters, so a rank-local restore would show up here as a difference).
+    final0 = torch.load(out_dir / "rank0_final.pt", weights_only=True)
+    final1 = torch.load(out_dir / "rank1_final.pt", weights_only=True)
+    _assert_same_tensors(final0, final1, "rank 0 vs rank 1 at the end of the fit")
+
+
+def test_only_rank_zero_wrote_checkpoints_and_history_names_the_rollback(
+    ddp_run: tuple[Path, Path, str],
+) -> None:
+    checkpoint_dir, out_dir, _ = ddp_run
+    history = json.loads((checkpoint_dir / "checkpoint_history.json").read_text())
+    files = sorted(p.name for p in checkpoint_dir.glob("*.ckpt"))
+    assert [entry["file"].rsplit("/", 1)[-1] for entry in history["entries"]] == sorted(
+        files, key=lambda name: int(name.removeprefix("checkpoint_step_").removesuffix(".ckpt"))
+    )
+    assert not list(checkpoint_dir.glob("*.tmp"))
+    to_step = _report(out_dir, 0)["rollback_events"][0]["to_step"]
+    rollbacks = [e for e in history["events"] if e.get("to_step") == to_step]
+    assert rollbacks, history["events"]
