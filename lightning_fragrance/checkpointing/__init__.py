@@ -1,1 +1,76 @@
-"""checkpointing."""
+"""Checkpointing with automatic rollback: the engine (plain Python + torch, no Lightning).
+
+`CheckpointManager` gives a plain PyTorch loop the operations guide's API; the Lightning
+callback `lightning_fragrance.callbacks.RollbackCheckpoint` drives the same pieces
+(`RollbackGuard`, `CheckpointStore`, `AsyncCheckpointWriter`) from the Trainer's hooks.
+"""
+
+from lightning_fragrance.checkpointing.conditions import BaselineMode, RollbackConditions
+from lightning_fragrance.checkpointing.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    NoGoodCheckpointError,
+    RollbackBudgetExceeded,
+)
+from lightning_fragrance.checkpointing.guard import Observation, RollbackGuard
+from lightning_fragrance.checkpointing.manager import CheckpointManager, next_save_step
+from lightning_fragrance.checkpointing.observers import (
+    CheckpointObserver,
+    LoggingObserver,
+    NullObserver,
+    ObserverGroup,
+)
+from lightning_fragrance.checkpointing.records import (
+    HISTORY_SCHEMA_VERSION,
+    CheckpointRecord,
+    CheckpointStatus,
+    RollbackDecision,
+    RollbackReason,
+    checkpoint_file_name,
+)
+from lightning_fragrance.checkpointing.recovery import RestoreSource, Snapshot, find_restore_source
+from lightning_fragrance.checkpointing.rng import collect_rng_state, reseed, restore_rng_state
+from lightning_fragrance.checkpointing.snapshot import (
+    AsyncCheckpointWriter,
+    CheckpointWriteError,
+    stage_to_cpu,
+)
+from lightning_fragrance.checkpointing.store import HISTORY_FILE, CheckpointStore
+from lightning_fragrance.checkpointing.triggers import Trigger, TriggerMonitor, evaluate_step
+
+__all__ = [
+    "HISTORY_FILE",
+    "HISTORY_SCHEMA_VERSION",
+    "AsyncCheckpointWriter",
+    "BaselineMode",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointObserver",
+    "CheckpointRecord",
+    "CheckpointStatus",
+    "CheckpointStore",
+    "CheckpointWriteError",
+    "LoggingObserver",
+    "NoGoodCheckpointError",
+    "NullObserver",
+    "Observation",
+    "ObserverGroup",
+    "RestoreSource",
+    "RollbackBudgetExceeded",
+    "RollbackConditions",
+    "RollbackDecision",
+    "RollbackGuard",
+    "RollbackReason",
+    "Snapshot",
+    "Trigger",
+    "TriggerMonitor",
+    "checkpoint_file_name",
+    "collect_rng_state",
+    "evaluate_step",
+    "find_restore_source",
+    "next_save_step",
+    "reseed",
+    "restore_rng_state",
+    "stage_to_cpu",
+]

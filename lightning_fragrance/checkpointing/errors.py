@@ -1,0 +1,22 @@
+"""Exceptions of the checkpointing engine, each with a message a user can act on."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by `lightning_fragrance.checkpointing`."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file is missing, truncated or does not match the sha256 in the history."""
+
+
+class NoGoodCheckpointError(CheckpointError):
+    """A rollback was needed but no committed, intact checkpoint is left to restore."""
+
+
+class RollbackBudgetExceeded(CheckpointError):
+    """Too many rollbacks within the budget window: the run stops instead of thrashing.
+
+    The message names the last good checkpoint so an operator can resume from it by hand.
+    """
