@@ -1,0 +1,618 @@
+"""Export Lightning checkpoints for serving, and load them back without running pickled code.
+
+An export is a directory ``exports/<version>/`` holding three files:
+
+- ``model.safetensors``: the state dict (safetensors: a JSON header plus raw buffers, no code path;
+  research note §4: the Trail of Bits audit, header size capped against DoS).
+- ``config.json``: the model class, named by a key of the allowlist in this module, and its
+  hyperparameters (JSON primitives only).
+- ``manifest.json``: sha256 and size of every file, the source checkpoint and step, the metrics at
+  save, ``created_at`` and a schema version.
+
+The export is written to a hidden temporary directory and renamed into place, so a reader sees
+either no export or a complete one (research note §3.3: partially written checkpoints are the
+most common "bad model" failure). Versions are zero-padded (``000012-step6000``) so that they sort
+in time order, and ``exports/CURRENT`` names the version that should serve (DESIGN.md §7).
+
+Loading never unpickles arbitrary objects: exports load from safetensors only; a raw ``.ckpt``
+loads with ``torch.load(weights_only=True)`` and a refusal is reported, never retried with
+``weights_only=False`` (research note §4: the Stanza fallback CVE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+CURRENT_FILE = "CURRENT"
+_SEQ_DIGITS = 6
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_SEQ_RE = re.compile(rf"^(\d{{{_SEQ_DIGITS}}})-")
+
+# --------------------------------------------------------------------------- errors
+
+
+class InvalidVersionNameError(ValueError):
+    """A version name that is not a plain directory name inside the export store."""
+
+
+class ExportError(RuntimeError):
+    """The checkpoint could not be exported (nothing was written to the store)."""
+
+
+class ModelLoadError(RuntimeError):
+    """Base of every failure to load an export; ``reload_result`` is the metric label.
+
+    Attributes:
+        reason: machine-readable cause (``checksum_mismatch``, ``state_dict_mismatch``, ...).
+        reload_result: the ``model_reload_total{result}`` label this failure counts under.
+    """
+
+    reason = "load_failed"
+    reload_result = "load_failed"
+
+    def to_dict(self) -> dict[str, str]:
+        """A structured description for API answers and reload records."""
+        return {"type": type(self).__name__, "reason": self.reason, "message": str(self)}
+
+
+class ExportNotFoundError(ModelLoadError):
+    """The named version does not exist in the export store."""
+
+    reason = "not_found"
+
+
+class IncompleteExportError(ModelLoadError):
+    """The export directory lacks a file that every complete export has."""
+
+    reason = "incomplete"
+
+
+class ManifestInvalidError(ModelLoadError):
+    """``manifest.json`` or ``config.json`` is not valid for this schema version."""
+
+    reason = "manifest_invalid"
+    reload_result = "validation_failed"
+
+
+class ChecksumMismatchError(ModelLoadError):
+    """A file's sha256 differs from the one recorded in the manifest."""
+
+    reason = "checksum_mismatch"
+    reload_result = "validation_failed"
+
+
+class ModelClassNotAllowedError(ModelLoadError):
+    """``config.json`` names a model class that is not in the allowlist."""
+
+    reason = "model_class_not_allowed"
+    reload_result = "validation_failed"
+
+
+class StateDictMismatchError(ModelLoadError):
+    """The weights' keys or shapes do not match the model class built from the hyperparameters."""
+
+    reason = "state_dict_mismatch"
+    reload_result = "validation_failed"
+
+
+class WeightsFormatError(ModelLoadError):
+    """``model.safetensors`` cannot be parsed as safetensors (corrupt, truncated, or a pickle)."""
+
+    reason = "weights_format"
+
+
+class UnsafeCheckpointError(ModelLoadError):
+    """``torch.load(weights_only=True)`` refused the file: it holds objects other than weights."""
+
+    reason = "unsafe_checkpoint"
+
+
+# --------------------------------------------------------------------------- allowlist
+
+ModelFactory = Callable[[Mapping[str, Any]], nn.Module]
+
+
+def _import_factory(target: str) -> ModelFactory:
+    """A factory that imports ``module:Class`` lazily and calls ``Class(**hparams)``."""
+
+    def build(hparams: Mapping[str, Any]) -> nn.Module:
+        module_name, _, attr = target.partition(":")
+        cls = getattr(importlib.import_module(module_name), attr)
+        model = cls(**dict(hparams))
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{target} built a {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    return build
+
+
+# Only these names may appear in config.json's "model_class": the loader never imports a module
+# path read from a file (an export store is data; code comes from this package).
+_MODEL_CLASSES: dict[str, ModelFactory] = {
+    "lightning_fragrance.rl.PPO": _import_factory("lightning_fragrance.rl:PPO"),
+}
+
+
+def register_model_class(name: str, factory: ModelFactory) -> None:
+    """Allow ``name`` in ``config.json``; ``factory(hparams)`` must build the untrained module.
+
+    Registration is code, not data: an export can only name a class that the serving process
+    itself registered.
+    """
+    _MODEL_CLASSES[name] = factory
+
+
+def allowed_model_classes() -> list[str]:
+    """The names that ``config.json`` may use for ``model_class``."""
+    return sorted(_MODEL_CLASSES)
+
+
+def build_model(model_class: str, hparams: Mapping[str, Any]) -> nn.Module:
+    """Build the allowlisted ``model_class`` from ``hparams``.
+
+    Raises:
+        ModelClassNotAllowedError: the name is not in the allowlist.
+    """
+    factory = _MODEL_CLASSES.get(model_class)
+    if factory is None:
+        raise ModelClassNotAllowedError(
+            f"model class {model_class!r} is not allowlisted; allowed: {allowed_model_classes()}. "
+            "Register it in code with lightning_fragrance.serving.loading.register_model_class."
+        )
+    return factory(hparams)
+
+
+# --------------------------------------------------------------------------- records
+
+
+class FileEntry(BaseModel):
+    """One file of an export, as recorded in the manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class ExportConfig(BaseModel):
+    """``config.json``: which allowlisted class to build and with which hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    model_class: str
+    hparams: dict[str, Any]
+
+
+class ExportManifest(BaseModel):
+    """``manifest.json``: what the export holds and where it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    version: str
+    files: dict[str, FileEntry]
+    source_checkpoint: str
+    source_step: int
+    metrics: dict[str, float]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model built from an export, with the records that describe it."""
+
+    model: nn.Module
+    version: str
+    config: ExportConfig
+    manifest: ExportManifest
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once its directory entry is; not every OS lets us open a dir.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_text_durable(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def validate_version_name(name: str) -> str:
+    """Return ``name`` if it is a plain version directory name, else raise.
+
+    Rejects path separators, ``..``, URL schemes (``http:``, ``s3:``, ``file:``) and anything
+    outside ``[A-Za-z0-9._-]``: the admin API names versions, never paths or URLs (research note
+    §4: Lightning forces ``weights_only=False`` for http checkpoints; ShellTorch's SSRF register).
+
+    Raises:
+        InvalidVersionNameError: with the reason.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidVersionNameError("version name must be a non-empty string")
+    if "/" in name or "\\" in name:
+        raise InvalidVersionNameError(f"version name {name!r} contains a path separator")
+    if ".." in name:
+        raise InvalidVersionNameError(f"version name {name!r} contains '..'")
+    if _SCHEME_RE.match(name) or "://" in name:
+        raise InvalidVersionNameError(f"version name {name!r} looks like a URL; name a version")
+    if not _VERSION_RE.match(name):
+        raise InvalidVersionNameError(
+            f"version name {name!r} must match {_VERSION_RE.pattern} (a directory in the store)"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------- raw checkpoints
+
+
+def load_checkpoint_safely(ckpt_path: str | Path) -> dict[str, Any]:
+    """Load a Lightning ``.ckpt`` with ``torch.load(weights_only=True)``, never falling back.
+
+    Raises:
+        ExportNotFoundError: the file does not exist.
+        UnsafeCheckpointError: the restricted unpickler refused an object (a pickle payload, or
+            hyperparameters that are not primitives); the payload did not run.
+        WeightsFormatError: the file is truncated or not a torch archive.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ExportNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path} holds objects that torch.load(weights_only=True) refuses: {exc}. It was not "
+            "unpickled. Keep hyperparameters primitive (save_hyperparameters of numbers/strings) "
+            "or re-save the checkpoint from trusted code."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise WeightsFormatError(f"{path} is not a readable torch checkpoint: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise WeightsFormatError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _primitive_hparams(hparams: Mapping[str, Any], source: Path) -> dict[str, Any]:
+    try:
+        text = json.dumps(dict(hparams), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(
+            f"hyperparameters of {source} are not JSON primitives ({exc}); keep "
+            "save_hyperparameters() to numbers, strings, bools, lists and dicts"
+        ) from exc
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _metrics_from_history(ckpt_path: Path) -> dict[str, float]:
+    """Metrics recorded for this checkpoint in ``checkpoint_history.json`` (DESIGN.md §4)."""
+    history_path = ckpt_path.parent / "checkpoint_history.json"
+    if not history_path.is_file():
+        return {}
+    try:
+        history = json.loads(history_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        log.warning("could not read %s; exporting without metrics", history_path)
+        return {}
+    entries = history
+    if isinstance(history, dict):
+        entries = history.get("entries", history.get("checkpoints", []))
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and Path(str(entry.get("file", ""))).name == ckpt_path.name:
+            metrics = entry.get("metrics") or {}
+            return {
+                k: float(v)
+                for k, v in metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+    return {}
+
+
+def _next_sequence(out_dir: Path) -> int:
+    seqs = [int(m.group(1)) for p in out_dir.iterdir() if (m := _SEQ_RE.match(p.name))]
+    return max(seqs, default=0) + 1
+
+
+def export(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    *,
+    model_class: str = "lightning_fragrance.rl.PPO",
+    metrics: Mapping[str, float] | None = None,
+    make_current: bool = False,
+) -> Path:
+    """Export a Lightning checkpoint to ``out_dir/<seq>-step<step>/`` and return that path.
+
+    The checkpoint is read with ``weights_only=True``; the state dict is checked against the
+    allowlisted ``model_class`` built from the checkpoint's hyperparameters before anything is
+    written, so an export that exists always loads.
+
+    Args:
+        ckpt_path: a Lightning checkpoint (``state_dict``, ``hyper_parameters``, ``global_step``).
+        out_dir: the export store; created if missing.
+        model_class: allowlisted class name recorded in ``config.json``.
+        metrics: metrics at save; default: the checkpoint's entry in ``checkpoint_history.json``.
+        make_current: also point ``out_dir/CURRENT`` at the new version.
+
+    Raises:
+        ExportError: the checkpoint lacks a state dict or its hyperparameters are not primitive.
+        ModelLoadError: the checkpoint is unsafe, unreadable, or does not fit ``model_class``.
+    """
+    source = Path(ckpt_path)
+    ckpt = load_checkpoint_safely(source)
+    state_dict = ckpt.get("state_dict")
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ExportError(f"{source} has no 'state_dict'; is it a Lightning checkpoint?")
+    hparams = _primitive_hparams(ckpt.get("hyper_parameters") or {}, source)
+    step = int(ckpt.get("global_step", 0))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    check_state_dict(build_model(model_class, hparams), tensors)
+
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = ExportConfig(model_class=model_class, hparams=hparams)
+        _write_text_durable(tmp / CONFIG_FILE, config.model_dump_json(indent=2))
+        with (tmp / WEIGHTS_FILE).open("rb") as fh:
+            os.fsync(fh.fileno())
+        files = {
+            name: FileEntry(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
+            for name in (WEIGHTS_FILE, CONFIG_FILE)
+        }
+        found = metrics if metrics is not None else _metrics_from_history(source)
+        final = _rename_into_place(tmp, root, step, files, source, found)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (step %d) to %s", source, step, final)
+    if make_current:
+        write_current(root, final.name)
+    return final
+
+
+def _rename_into_place(
+    tmp: Path,
+    root: Path,
+    step: int,
+    files: dict[str, FileEntry],
+    source: Path,
+    metrics: Mapping[str, float],
+) -> Path:
+    # The version name is decided at rename time; a concurrent export that took the same sequence
+    # number makes the rename fail, and we take the next one (the manifest names the version).
+    for _ in range(100):
+        version = f"{_next_sequence(root):0{_SEQ_DIGITS}d}-step{step}"
+        manifest = ExportManifest(
+            version=version,
+            files=files,
+            source_checkpoint=str(source.resolve()),
+            source_step=step,
+            metrics={k: float(v) for k, v in metrics.items()},
+            created_at=datetime.now(timezone.utc).isoformat(),
+        )
+        _write_text_durable(tmp / MANIFEST_FILE, manifest.model_dump_json(indent=2))
+        _fsync_dir(tmp)
+        final = root / version
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if final.exists():
+                continue
+            raise
+        _fsync_dir(root)
+        return final
+    raise ExportError(f"could not find a free version name in {root}")
+
+
+# --------------------------------------------------------------------------- CURRENT pointer
+
+
+def write_current(root: str | Path, version: str) -> None:
+    """Point ``root/CURRENT`` at ``version`` atomically (temp file, fsync, rename)."""
+    validate_version_name(version)
+    base = Path(root)
+    tmp = base / f".{CURRENT_FILE}.{uuid.uuid4().hex}.tmp"
+    _write_text_durable(tmp, version + "\n")
+    os.replace(tmp, base / CURRENT_FILE)
+    _fsync_dir(base)
+
+
+def read_current(root: str | Path) -> str | None:
+    """The version ``root/CURRENT`` names, or ``None`` when there is no valid pointer."""
+    path = Path(root) / CURRENT_FILE
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+        return validate_version_name(name)
+    except (OSError, InvalidVersionNameError):
+        return None
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class ExportStore:
+    """The export directory: version listing, the CURRENT pointer, and safe loading.
+
+    Args:
+        root: the directory ``export`` writes into.
+        verify_checksums: recompute every file's sha256 on load (default ``True``).
+    """
+
+    def __init__(self, root: str | Path, *, verify_checksums: bool = True) -> None:
+        self.root = Path(root)
+        self.verify_checksums = verify_checksums
+
+    def path_for(self, version: str) -> Path:
+        """The directory of ``version``, guaranteed to lie inside the store."""
+        validate_version_name(version)
+        path = (self.root / version).resolve()
+        if path.parent != self.root.resolve():
+            raise InvalidVersionNameError(f"version {version!r} resolves outside {self.root}")
+        return path
+
+    def versions(self) -> list[str]:
+        """Every version directory (complete or not), in name order, hidden temp dirs excluded."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)
+        )
+
+    def complete_versions(self) -> list[str]:
+        """Versions whose manifest is present and parses (checksums are checked on load)."""
+        done = []
+        for version in self.versions():
+            with contextlib.suppress(ModelLoadError):
+                self.read_manifest(version)
+                done.append(version)
+        return done
+
+    def newest(self) -> str | None:
+        """The newest complete version, or ``None`` when the store has none."""
+        complete = self.complete_versions()
+        return complete[-1] if complete else None
+
+    def current(self) -> str | None:
+        """The version named by ``CURRENT``."""
+        return read_current(self.root)
+
+    def set_current(self, version: str) -> None:
+        """Point ``CURRENT`` at ``version`` (which must exist)."""
+        if not self.path_for(version).is_dir():
+            raise ExportNotFoundError(f"export {version!r} not found in {self.root}")
+        write_current(self.root, version)
+
+    def read_manifest(self, version: str) -> ExportManifest:
+        """Parse ``manifest.json`` of ``version``."""
+        directory = self.path_for(version)
+        if not directory.is_dir():
+            raise ExportNotFoundError(
+                f"export {version!r} not found in {self.root}; available: {self.versions()}"
+            )
+        path = directory / MANIFEST_FILE
+        if not path.is_file():
+            raise IncompleteExportError(f"export {version!r} has no {MANIFEST_FILE}")
+        try:
+            return ExportManifest.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise ManifestInvalidError(f"{path} is not a valid manifest: {exc}") from exc
+
+    def load(self, version: str) -> LoadedModel:
+        """Verify and load ``version``: checksums, config, allowlisted class, keys and shapes.
+
+        Raises:
+            ModelLoadError: a subclass naming what is wrong; nothing is half-loaded.
+        """
+        manifest = self.read_manifest(version)
+        directory = self.path_for(version)
+        for required in (WEIGHTS_FILE, CONFIG_FILE):
+            if required not in manifest.files:
+                raise ManifestInvalidError(f"manifest of {version!r} does not list {required}")
+            if not (directory / required).is_file():
+                raise IncompleteExportError(f"export {version!r} has no {required}")
+        if self.verify_checksums:
+            for name, entry in manifest.files.items():
+                actual = sha256_file(directory / name)
+                if actual != entry.sha256:
+                    raise ChecksumMismatchError(
+                        f"{version}/{name}: sha256 {actual[:12]}... differs from the manifest's "
+                        f"{entry.sha256[:12]}...; the file changed after export. Re-export it."
+                    )
+        try:
+            config = ExportConfig.model_validate_json((directory / CONFIG_FILE).read_bytes())
+        except ValidationError as exc:
+            raise ManifestInvalidError(f"{version}/{CONFIG_FILE} is invalid: {exc}") from exc
+        model = build_model(config.model_class, config.hparams)
+        weights = read_safetensors(directory / WEIGHTS_FILE)
+        check_state_dict(model, weights)
+        model.load_state_dict(weights, strict=True)
+        model.eval()
+        return LoadedModel(model=model, version=version, config=config, manifest=manifest)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, a truncated file) is refused."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsFormatError(
+            f"{path} is not a valid safetensors file ({exc}); exports are read as safetensors "
+            "only and never unpickled. Re-export the checkpoint with lf-export."
+        ) from exc
+
+
+def check_state_dict(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``StateDictMismatchError`` unless keys and shapes match ``model`` exactly."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(
+        f"{k}: expected {expected[k]}, got {got[k]}"
+        for k in set(expected) & set(got)
+        if expected[k] != got[k]
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:5]}")
+        raise StateDictMismatchError(
+            f"weights do not fit {type(model).__name__}: " + "; ".join(parts)
+        )
