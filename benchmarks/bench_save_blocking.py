@@ -101,7 +101,12 @@ def run_config(name: str, directory: Path) -> dict[str, Any]:
             self, step: int, nbytes: int, blocking_seconds: float, write_seconds: float
         ) -> None:
             self.saves.append(
-                {"step": step, "bytes": nbytes, "blocking": blocking_seconds, "write": write_seconds}
+                {
+                    "step": step,
+                    "bytes": nbytes,
+                    "blocking": blocking_seconds,
+                    "write": write_seconds,
+                }
             )
 
     hook_seconds: dict[int, float] = {}
@@ -201,7 +206,10 @@ def main() -> int:
     print(f"ratio ours / AsyncCheckpointIO:   {blocking['ours'] / blocking['async']:.3f}x")
     writes = results["ours"]["observer"]
     throughput = statistics.median(w["bytes"] / w["write"] for w in writes)
-    print(f"anchor dd conv=fdatasync: {disk / 1e6:.0f} MB/s (before {dd_before / 1e6:.0f}, after {dd_after / 1e6:.0f})")
+    print(
+        f"anchor dd conv=fdatasync: {disk / 1e6:.0f} MB/s "
+        f"(before {dd_before / 1e6:.0f}, after {dd_after / 1e6:.0f})"
+    )
     print(f"ours durable write (dequeue -> fsync, sha256 included): {throughput / 1e6:.0f} MB/s")
     t_ratio = throughput / disk
     print(

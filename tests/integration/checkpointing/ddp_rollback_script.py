@@ -68,7 +68,8 @@ class OneRankSpikeModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 class RollbackProbe(pl.Callback):
@@ -89,9 +90,7 @@ class RollbackProbe(pl.Callback):
     ) -> None:
         count = self.guard.rollback_count
         if count > self.seen_rollbacks and self.after_rollback is None:
-            self.after_rollback = {
-                k: v.detach().clone() for k, v in pl_module.state_dict().items()
-            }
+            self.after_rollback = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             self.after_rollback_step = trainer.global_step
         self.seen_rollbacks = count
 

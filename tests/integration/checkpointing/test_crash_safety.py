@@ -50,9 +50,7 @@ def _guard(directory: Path) -> RollbackCheckpoint:
 def _train_until_killed(directory: Path, resume_step: int | None) -> Callable:
     def body(report: Callable[[str], None]) -> int:
         ckpt_path = (
-            None
-            if resume_step is None
-            else str(directory / f"checkpoint_step_{resume_step}.ckpt")
+            None if resume_step is None else str(directory / f"checkpoint_step_{resume_step}.ckpt")
         )
         trainer = quiet_trainer([ReportFirstBatch(report), _guard(directory)], max_steps=100_000)
         trainer.fit(PayloadModule(), payload_loader(), ckpt_path=ckpt_path)
@@ -104,8 +102,8 @@ def test_sigkill_during_saves_never_leaves_a_broken_history_and_the_run_resumes(
         if state.tmp_files:
             kills_inside_a_write += 1
 
-    assert newest_seen is not None, "no checkpoint was ever committed; log:\n" + (
-        log_path.read_text()[-4000:]
+    assert newest_seen is not None, (
+        "no checkpoint was ever committed; log:\n" + (log_path.read_text()[-4000:])
     )
     # Evidence that the harness exercised what it claims: some kills landed while a temp file
     # was open (the commit protocol writes `*.tmp` first).

@@ -1,0 +1,221 @@
+"""Ordering between the background writer, retention and loads (issue 2: "loading waits for
+pending writes"; "retention never deletes one that a pending write or a rollback depends on").
+
+Writes and reads are held at a gate of `FaultyMemoryFileSystem` (see its docstring for why a
+stand-in filesystem), so "a write is in flight" is a fact of the test, not a race it hopes for.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from faulty_filesystem import FaultyMemoryFileSystem, new_faulty_filesystem
+from torch import nn
+
+from lightning_fragrance.checkpointing import (
+    AsyncCheckpointWriter,
+    CheckpointManager,
+    CheckpointStore,
+    checkpoint_file_name,
+)
+
+ROOT = "/run/checkpoints"
+# Bounds a wait for something the code under test must do; a correct run never gets near it.
+WAIT_S = 30.0
+# How long a thread that must be blocked is given to (wrongly) finish before we look.
+BLOCKED_PROBE_S = 0.3
+
+
+@pytest.fixture
+def fs() -> Iterator[FaultyMemoryFileSystem]:
+    filesystem = new_faulty_filesystem()
+    yield filesystem
+    for gate in (filesystem.write_gate, filesystem.read_gate):
+        if gate is not None:
+            gate.set()  # never leave a writer thread parked
+    filesystem.reset()
+
+
+def exception_chain(error: BaseException) -> list[BaseException]:
+    """The error and its causes/contexts, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _payload(step: int) -> dict[str, Any]:
+    return {"step": step, "weights": torch.full((64,), float(step))}
+
+
+def _ckpt(step: int) -> str:
+    return f"{ROOT}/{checkpoint_file_name(step)}"
+
+
+def _run_in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # handed to the test thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_retention_deletes_the_old_checkpoint_only_after_the_new_one_is_in_the_history(
+    fs: FaultyMemoryFileSystem,
+) -> None:
+    store = CheckpointStore(ROOT, max_checkpoints=1, fs=fs)
+    writer = AsyncCheckpointWriter(store)
+    try:
+        writer.submit(1, _payload(1), {"loss": 1.0})
+        writer.flush()
+        fs.write_gate = threading.Event()
+        writer.submit(2, _payload(2), {"loss": 1.0})
+        assert fs.write_waiting.wait(WAIT_S)
+
+        # Step 2 is being written: step 1 is still listed, present and intact.
+        assert [r.step for r in store.records()] == [1]
+        assert fs.exists(_ckpt(1))
+        assert store.verify(store.records()[0])
+
+        fs.write_gate.set()
+        writer.flush()
+    finally:
+        writer.close()
+    assert writer.take_errors() == []
+    assert [r.step for r in store.records()] == [2]
+    ops = fs.ops
+    renamed = ops.index(("mv", _ckpt(2), _ckpt(2) + ".tmp"))
+    listed = next(i for i, op in enumerate(ops) if op[0] == "history" and op[2] and 2 in op[2])
+    removed = ops.index(("rm", _ckpt(1), None))
+    assert renamed < listed < removed, ops
+
+
+def test_a_failed_write_never_costs_the_previous_checkpoint(fs: FaultyMemoryFileSystem) -> None:
+    store = CheckpointStore(ROOT, max_checkpoints=1, fs=fs)
+    writer = AsyncCheckpointWriter(store)
+    try:
+        writer.submit(1, _payload(1), {"loss": 1.0})
+        writer.flush()
+        fs.capacity = fs.used_bytes() + 100  # the next checkpoint does not fit
+        writer.submit(2, _payload(2), {"loss": 1.0})
+        writer.flush()
+    finally:
+        writer.close()
+    errors = writer.take_errors()
+    assert [e.step for e in errors] == [2]
+    # The user must learn that the disk is full, not only that the zip writer choked.
+    assert any(
+        isinstance(e, OSError) and e.errno == errno.ENOSPC for e in exception_chain(errors[0])
+    ), f"the reported error hides its cause (ENOSPC): {errors[0]!r}"
+    (record,) = store.records()
+    assert record.step == 1
+    assert store.verify(record)
+    assert torch.equal(store.load(record)["weights"], _payload(1)["weights"])
+    assert not [p for p in fs.ls(ROOT, detail=False) if p.endswith(".tmp")]
+
+
+def test_retention_keeps_a_checkpoint_while_a_rollback_is_reading_it(
+    fs: FaultyMemoryFileSystem,
+) -> None:
+    store = CheckpointStore(ROOT, max_checkpoints=1, fs=fs)
+    first = store.commit(1, _payload(1), {"loss": 1.0})
+    fs.read_gate = threading.Event()
+    reader, result = _run_in_thread(lambda: store.load(first))
+    assert fs.read_waiting.wait(WAIT_S)
+
+    # A newer commit arrives while step 1 is being read: step 1 must survive it.
+    store.commit(2, _payload(2), {"loss": 1.0})
+    assert fs.exists(_ckpt(1))
+
+    fs.read_gate.set()
+    reader.join(WAIT_S)
+    assert "error" not in result, result.get("error")
+    assert torch.equal(result["value"]["weights"], _payload(1)["weights"])
+    # Once nothing depends on it any more, the next commit applies retention.
+    store.commit(3, _payload(3), {"loss": 1.0})
+    assert [r.step for r in store.records()] == [3]
+    assert not fs.exists(_ckpt(1))
+
+
+def _nets() -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    policy, value = nn.Linear(8, 4), nn.Linear(8, 1)
+    optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=1e-2)
+    return policy, value, optimizer
+
+
+def _train_step(policy: nn.Module, value: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    x = torch.randn(16, 8)
+    loss = policy(x).pow(2).mean() + value(x).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def test_rollback_from_file_waits_for_the_pending_write_of_its_target(
+    fs: FaultyMemoryFileSystem,
+) -> None:
+    manager = CheckpointManager(
+        ROOT, save_interval=5, max_checkpoints=3, fs=fs, keep_in_memory=False, observers=[]
+    )
+    policy, value, optimizer = _nets()
+    try:
+        _train_step(policy, value, optimizer)
+        manager.save_checkpoint(5, policy, value, optimizer, loss=0.5, reward=20.0)
+        manager.flush()
+        _train_step(policy, value, optimizer)
+        fs.write_gate = threading.Event()
+        manager.save_checkpoint(10, policy, value, optimizer, loss=0.5, reward=20.0)
+        saved_at_10 = {k: v.clone() for k, v in policy.state_dict().items()}
+        assert fs.write_waiting.wait(WAIT_S)
+        _train_step(policy, value, optimizer)  # the weights move on
+
+        should, target, reason = manager.check_rollback(11, 1.2, 20.0)
+        assert should and reason == "loss_spike"
+        assert target is not None and target.step == 10
+        rollback, result = _run_in_thread(lambda: manager.rollback(policy, value, optimizer))
+        rollback.join(BLOCKED_PROBE_S)
+        # It cannot have loaded step 10 yet: that file is still being written.
+        assert rollback.is_alive(), "rollback did not wait for the pending write"
+        fs.write_gate.set()
+        rollback.join(WAIT_S)
+    finally:
+        if fs.write_gate is not None:
+            fs.write_gate.set()
+        manager.close()
+    assert "error" not in result, result.get("error")
+    assert result["value"].step == 10
+    for key, tensor in policy.state_dict().items():
+        assert torch.equal(tensor, saved_at_10[key]), key
+
+
+def test_listing_checkpoints_waits_for_the_pending_write(fs: FaultyMemoryFileSystem) -> None:
+    manager = CheckpointManager(ROOT, save_interval=5, fs=fs, observers=[])
+    policy, value, optimizer = _nets()
+    try:
+        fs.write_gate = threading.Event()
+        manager.save_checkpoint(5, policy, value, optimizer, loss=0.5, reward=20.0)
+        assert fs.write_waiting.wait(WAIT_S)
+        lister, result = _run_in_thread(manager.list_checkpoints)
+        lister.join(BLOCKED_PROBE_S)
+        assert lister.is_alive(), "list_checkpoints did not wait for the pending write"
+        fs.write_gate.set()
+        lister.join(WAIT_S)
+    finally:
+        if fs.write_gate is not None:
+            fs.write_gate.set()
+        manager.close()
+    assert [r.step for r in result["value"]] == [5]
