@@ -1,1 +1,5 @@
-"""callbacks."""
+"""Lightning callbacks: the adapters that drive the engines from the Trainer's hooks."""
+
+from lightning_fragrance.callbacks.rollback import RollbackCheckpoint
+
+__all__ = ["RollbackCheckpoint"]

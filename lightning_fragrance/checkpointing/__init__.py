@@ -9,6 +9,7 @@ from lightning_fragrance.checkpointing.conditions import BaselineMode, RollbackC
 from lightning_fragrance.checkpointing.errors import (
     CheckpointCorruptError,
     CheckpointError,
+    MissingMetricError,
     NoGoodCheckpointError,
     RollbackBudgetExceeded,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "CheckpointStore",
     "CheckpointWriteError",
     "LoggingObserver",
+    "MissingMetricError",
     "NoGoodCheckpointError",
     "NullObserver",
     "Observation",

@@ -69,13 +69,16 @@ class RollbackConditions:
         problems: list[str] = []
         if not self.kl_threshold > 0:
             problems.append(f"kl_threshold={self.kl_threshold} must be > 0")
-        if not self.loss_increase_multiplier > 1:
+        if not self.loss_increase_multiplier > 1:  # a huge value switches the trigger off
             problems.append(
                 f"loss_increase_multiplier={self.loss_increase_multiplier} must be > 1 "
                 "(1 or less would fire on every step whose loss did not go down)"
             )
-        if not 0 < self.reward_drop_threshold <= 1:
-            problems.append(f"reward_drop_threshold={self.reward_drop_threshold} must be in (0, 1]")
+        if not self.reward_drop_threshold > 0:
+            problems.append(
+                f"reward_drop_threshold={self.reward_drop_threshold} must be > 0 "
+                "(a value above 1 switches the reward trigger off for positive rewards)"
+            )
         modes = [m.value for m in BaselineMode]
         if self.baseline not in modes:
             problems.append(f"baseline={self.baseline!r} must be one of {modes}")

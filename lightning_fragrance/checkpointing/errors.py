@@ -20,3 +20,11 @@ class RollbackBudgetExceeded(CheckpointError):
 
     The message names the last good checkpoint so an operator can resume from it by hand.
     """
+
+
+class MissingMetricError(CheckpointError, KeyError):
+    """A metric the triggers need was neither returned by ``training_step`` nor logged
+    (raised only with ``strict=True``; otherwise a warning)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
