@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import select
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,20 +31,23 @@ HISTORY = "checkpoint_history.json"
 class PayloadModule(pl.LightningModule):
     """An MLP whose checkpoint is a few tens of MB (weights + two Adam moments), so a save takes
     long enough for a random kill to land inside the write, rename or history update.
+    ``kl_spike_at`` makes KL jump to 1.0 in the training step run at that ``global_step``.
 
     Loss, reward and KL are logged under the callback's default keys with tame values; callers
     switch the loss/reward triggers off, so these runs never roll back on their own.
     """
 
-    def __init__(self, width: int = 1024) -> None:
+    def __init__(self, width: int = 1024, kl_spike_at: int | None = None) -> None:
         super().__init__()
+        self.kl_spike_at = kl_spike_at
         self.net = nn.Sequential(nn.Linear(16, width), nn.Tanh(), nn.Linear(width, width))
         self.head = nn.Linear(width, 1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
         loss = nn.functional.mse_loss(self.head(self.net(x)), y)
-        kl = torch.tensor(0.001)
+        spike = self.kl_spike_at is not None and self.trainer.global_step == self.kl_spike_at
+        kl = torch.tensor(1.0 if spike else 0.001)
         reward = torch.tensor(1.0)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         self.log("train/reward", reward, on_step=True, on_epoch=False)
@@ -177,6 +181,8 @@ def fork_child(body: Callable[[Callable[[str], None]], int], log_path: Path) -> 
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
+            # pytest's capture objects would keep the child's messages in the child's memory.
+            sys.stdout = sys.stderr = os.fdopen(log_fd, "w", buffering=1)
             torch.set_num_threads(1)
 
             def report(line: str) -> None:

@@ -68,6 +68,7 @@ def test_sigkill_during_saves_never_leaves_a_broken_history_and_the_run_resumes(
     newest_seen: int | None = None
     kills_inside_a_write = 0
     log_path = tmp_path / "children.log"
+    trace: list[str] = []  # resumed step -> newest good step after the kill (* = mid-write)
 
     for iteration in range(KILLS):
         state = inspect_directory(directory)
@@ -101,12 +102,14 @@ def test_sigkill_during_saves_never_leaves_a_broken_history_and_the_run_resumes(
             newest_seen = state.newest_good_step
         if state.tmp_files:
             kills_inside_a_write += 1
+        trace.append(f"{resume_step}->{state.newest_good_step}{'*' if state.tmp_files else ''}")
 
     assert newest_seen is not None, (
         "no checkpoint was ever committed; log:\n" + (log_path.read_text()[-4000:])
     )
     # Evidence that the harness exercised what it claims: some kills landed while a temp file
     # was open (the commit protocol writes `*.tmp` first).
+    print(f"kills: {KILLS}, inside a write: {kills_inside_a_write}; {' '.join(trace)}")
     assert kills_inside_a_write > 0
 
     # A final run resumes from the newest good checkpoint, sweeps the orphan temp files and
