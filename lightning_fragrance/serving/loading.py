@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -139,34 +138,44 @@ class UnsafeCheckpointError(ModelLoadError):
 ModelFactory = Callable[[Mapping[str, Any]], nn.Module]
 
 
-def _import_factory(target: str) -> ModelFactory:
-    """A factory that imports ``module:Class`` lazily and calls ``Class(**hparams)``."""
+@dataclass(frozen=True)
+class ModelClass:
+    """An allowlisted model class: how to build it, and which checkpoint keys are its weights.
 
-    def build(hparams: Mapping[str, Any]) -> nn.Module:
-        module_name, _, attr = target.partition(":")
-        cls = getattr(importlib.import_module(module_name), attr)
-        model = cls(**dict(hparams))
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{target} built a {type(model).__name__}, not a torch.nn.Module")
-        return model
+    Attributes:
+        factory: ``factory(hparams)`` builds the untrained module.
+        state_dict_prefix: the prefix of its keys in the training module's state dict
+            (``policy_net.`` for the PPO policy); stripped at export.
+    """
 
-    return build
+    factory: ModelFactory
+    state_dict_prefix: str = ""
+
+
+def _policy_network(hparams: Mapping[str, Any]) -> nn.Module:
+    # Imported lazily: the loader must not pull the RL stack into processes that never export.
+    from lightning_fragrance.rl import build_policy_net
+
+    return build_policy_net(dict(hparams))
 
 
 # Only these names may appear in config.json's "model_class": the loader never imports a module
-# path read from a file (an export store is data; code comes from this package).
-_MODEL_CLASSES: dict[str, ModelFactory] = {
-    "lightning_fragrance.rl.PPO": _import_factory("lightning_fragrance.rl:PPO"),
+# path read from a file (an export store is data; code comes from this package). The serving
+# export holds the PPO policy alone: the critic (value_net) is a training-time object, and
+# rebuilding the whole PPO module would construct its Gymnasium environment in the server.
+_MODEL_CLASSES: dict[str, ModelClass] = {
+    "lightning_fragrance.rl.PolicyNetwork": ModelClass(_policy_network, "policy_net."),
 }
+DEFAULT_MODEL_CLASS = "lightning_fragrance.rl.PolicyNetwork"
 
 
-def register_model_class(name: str, factory: ModelFactory) -> None:
+def register_model_class(name: str, factory: ModelFactory, state_dict_prefix: str = "") -> None:
     """Allow ``name`` in ``config.json``; ``factory(hparams)`` must build the untrained module.
 
     Registration is code, not data: an export can only name a class that the serving process
     itself registered.
     """
-    _MODEL_CLASSES[name] = factory
+    _MODEL_CLASSES[name] = ModelClass(factory, state_dict_prefix)
 
 
 def allowed_model_classes() -> list[str]:
@@ -174,19 +183,30 @@ def allowed_model_classes() -> list[str]:
     return sorted(_MODEL_CLASSES)
 
 
+def _model_class(name: str) -> ModelClass:
+    entry = _MODEL_CLASSES.get(name)
+    if entry is None:
+        raise ModelClassNotAllowedError(
+            f"model class {name!r} is not allowlisted; allowed: {allowed_model_classes()}. "
+            "Register it in code with lightning_fragrance.serving.loading.register_model_class."
+        )
+    return entry
+
+
 def build_model(model_class: str, hparams: Mapping[str, Any]) -> nn.Module:
     """Build the allowlisted ``model_class`` from ``hparams``.
 
     Raises:
         ModelClassNotAllowedError: the name is not in the allowlist.
+        ManifestInvalidError: the hyperparameters do not build the class.
     """
-    factory = _MODEL_CLASSES.get(model_class)
-    if factory is None:
-        raise ModelClassNotAllowedError(
-            f"model class {model_class!r} is not allowlisted; allowed: {allowed_model_classes()}. "
-            "Register it in code with lightning_fragrance.serving.loading.register_model_class."
-        )
-    return factory(hparams)
+    entry = _model_class(model_class)
+    try:
+        return entry.factory(hparams)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ManifestInvalidError(
+            f"hyperparameters do not build {model_class}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- records
@@ -367,7 +387,7 @@ def export(
     ckpt_path: str | Path,
     out_dir: str | Path,
     *,
-    model_class: str = "lightning_fragrance.rl.PPO",
+    model_class: str = DEFAULT_MODEL_CLASS,
     metrics: Mapping[str, float] | None = None,
     make_current: bool = False,
 ) -> Path:
@@ -380,7 +400,8 @@ def export(
     Args:
         ckpt_path: a Lightning checkpoint (``state_dict``, ``hyper_parameters``, ``global_step``).
         out_dir: the export store; created if missing.
-        model_class: allowlisted class name recorded in ``config.json``.
+        model_class: allowlisted class recorded in ``config.json`` (default: the PPO policy;
+            its weights are the checkpoint's ``policy_net.*`` entries).
         metrics: metrics at save; default: the checkpoint's entry in ``checkpoint_history.json``.
         make_current: also point ``out_dir/CURRENT`` at the new version.
 
@@ -395,7 +416,14 @@ def export(
         raise ExportError(f"{source} has no 'state_dict'; is it a Lightning checkpoint?")
     hparams = _primitive_hparams(ckpt.get("hyper_parameters") or {}, source)
     step = int(ckpt.get("global_step", 0))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    prefix = _model_class(model_class).state_dict_prefix
+    tensors = {
+        k[len(prefix) :]: v.detach().cpu().contiguous()
+        for k, v in state_dict.items()
+        if k.startswith(prefix) and isinstance(v, torch.Tensor)
+    }
+    if not tensors:
+        raise ExportError(f"{source} has no weights under {prefix!r} for {model_class}")
     check_state_dict(build_model(model_class, hparams), tensors)
 
     root = Path(out_dir)
