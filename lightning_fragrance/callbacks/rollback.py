@@ -194,6 +194,8 @@ class RollbackCheckpoint(Checkpoint):
         self._last_step = -1
         self._skip_remaining = 0
         self._warned_keys: set[str] = set()
+        self._warned_no_target = False
+        self._accumulated: dict[str, float] = {}
         self._grad_norm_sq: float | None = None
         self._is_zero = True
 
@@ -295,13 +297,18 @@ class RollbackCheckpoint(Checkpoint):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
+        metrics = _worst(self._accumulated, self._read_metrics(trainer, outputs))
         if step == self._last_step:
-            return  # gradient accumulation: no optimizer step on this batch
+            # Gradient accumulation: no optimizer step on this batch. Keep the worst values so
+            # a divergence in any micro-batch of the step is judged once the step happens.
+            self._accumulated = metrics
+            return
+        self._accumulated = {}
         self._last_step = step
         if self._skip_remaining > 0:
             self._skip_remaining -= 1
         self._report_write_errors()
-        metrics = self._agree(trainer, self._read_metrics(trainer, outputs))
+        metrics = self._agree(trainer, metrics)
         observation = self.guard.observe(step, metrics)
         for certified in observation.certified:
             self._store_status(certified, CheckpointStatus.CERTIFIED)
@@ -480,7 +487,8 @@ class RollbackCheckpoint(Checkpoint):
         if self._is_zero:
             log.warning("Rollback triggered: %s", trigger.message)
         if obs.target is None:
-            if self._is_zero:
+            if self._is_zero and not self._warned_no_target:
+                self._warned_no_target = True
                 log.warning(
                     "No checkpoint to roll back to yet (first save at step %d); training continues "
                     "from the current state.",
@@ -607,6 +615,19 @@ class RollbackCheckpoint(Checkpoint):
         self._next_save = int(state_dict.get("next_save_step", self.save_every_n_steps))
         self._last_step = int(state_dict.get("last_step", -1))
         self._skip_remaining = int(state_dict.get("skip_remaining", 0))
+
+
+def _worst(first: Mapping[str, float], second: Mapping[str, float]) -> dict[str, float]:
+    """Per signal, the worse of two readings (higher loss, KL and grad norm, lower reward; a
+    non-finite value wins)."""
+    merged = dict(first)
+    for name, value in second.items():
+        if name not in merged or not math.isfinite(value):
+            merged[name] = value
+        elif math.isfinite(merged[name]):
+            pick = min if name == REWARD else max
+            merged[name] = pick(merged[name], value)
+    return merged
 
 
 def _scale_learning_rates(

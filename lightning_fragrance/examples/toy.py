@@ -28,6 +28,8 @@ class DivergenceSpec:
         kl: KL value reported on that step (None: the normal value).
         reward_scale: Factor applied to the reported reward.
         nan: Report a NaN loss instead.
+        persistent: Diverge at every step from ``at_step`` on (a run that rollbacks cannot
+            save, which exercises the rollback budget), not just once.
     """
 
     at_step: int
@@ -35,6 +37,7 @@ class DivergenceSpec:
     kl: float | None = None
     reward_scale: float = 1.0
     nan: bool = False
+    persistent: bool = False
 
 
 class ToyPolicyModule(pl.LightningModule):
@@ -76,7 +79,12 @@ class ToyPolicyModule(pl.LightningModule):
 
     def _diverging(self) -> DivergenceSpec | None:
         spec = self.divergence
-        if spec is None or self.diverged_at or self.trainer.global_step != spec.at_step:
+        step = self.trainer.global_step
+        if spec is None:
+            return None
+        if spec.persistent:
+            return spec if step >= spec.at_step else None
+        if self.diverged_at or step != spec.at_step:
             return None
         return spec
 
@@ -121,17 +129,18 @@ class ToyPolicyModule(pl.LightningModule):
 
 
 def toy_dataloader(
-    n: int = 512,
+    n: int = 2048,
     in_features: int = 8,
-    batch_size: int = 32,
+    batch_size: int = 128,
     seed: int = 0,
     shuffle: bool = False,
     noise: float = 0.5,
 ) -> DataLoader:
     """A deterministic regression data set (``y = 0.1 * sum(x) + noise``) in a DataLoader.
 
-    The noise keeps the loss near ``noise**2`` instead of decaying to zero, so a healthy run's
-    step-to-step loss ratio stays well under the guide's 2x trigger.
+    The noise keeps the loss near ``noise**2`` instead of decaying to zero, and batches of 128
+    keep the batch-to-batch spread small (std ~ 12 % of the loss), so a healthy run stays well
+    under the guide's 2x trigger.
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, in_features, generator=generator)
