@@ -20,25 +20,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 from wsgiref.simple_server import WSGIServer
 
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway
 from prometheus_client.exposition import start_http_server
 
 from lightning_fragrance.monitoring.checkpoint_observer import PrometheusCheckpointObserver
 from lightning_fragrance.monitoring.collector import OperationsMetricsCollector
 from lightning_fragrance.monitoring.metrics import CATALOGUE, MetricGroup
-
-try:  # the unified `lightning` distribution (what pyproject declares)
-    from lightning.pytorch.loggers import Logger
-    from lightning.pytorch.loggers.logger import rank_zero_experiment
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-except ImportError:  # the standalone `pytorch_lightning` distribution of the same release
-    from pytorch_lightning.loggers import Logger  # type: ignore[assignment,no-redef,unused-ignore]
-    from pytorch_lightning.loggers.logger import (  # type: ignore[assignment,no-redef,unused-ignore]
-        rank_zero_experiment,
-    )
-    from pytorch_lightning.utilities.rank_zero import (  # type: ignore[assignment,no-redef,unused-ignore]
-        rank_zero_only,
-    )
 
 log = logging.getLogger(__name__)
 

@@ -217,6 +217,11 @@ class OperationsMetricsCollector:
 
     def _preinitialise(self) -> None:
         """Create the known label combinations at 0 so rate() and alerts see them from start."""
+        for item in specs(self.groups & {MetricGroup.RL}):
+            if item.type is MetricType.GAUGE and not item.labels:
+                # NaN = "no value yet": a reward of 0 before the first update would paint the
+                # reward panel red and could trip the alerts; NaN compares false everywhere.
+                self._metrics[item.name].set(math.nan)
         if MetricGroup.LLM in self.groups:
             for mode in BriefMode:
                 self._latency_child(mode.value)

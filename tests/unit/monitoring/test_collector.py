@@ -237,3 +237,10 @@ def test_exposition_is_valid_for_promtool_check_metrics(
         check=False,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_rl_gauges_are_nan_until_the_first_update(
+    collector: OperationsMetricsCollector, registry: CollectorRegistry
+) -> None:
+    assert math.isnan(value(registry, "rl_reward") or 0.0)
+    assert math.isnan(value(registry, "rl_last_update_timestamp_seconds") or 0.0)
