@@ -556,7 +556,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="fail if the file is stale or inconsistent"
     )
+    parser.add_argument(
+        "--import-body",
+        action="store_true",
+        help="print the body of Grafana's POST /api/dashboards/db for this dashboard",
+    )
+    parser.add_argument("--folder-uid", default="", help="Grafana folder of the import")
     args = parser.parse_args(argv)
+    if args.import_body:
+        body: dict[str, Any] = {"dashboard": build_dashboard(), "overwrite": True}
+        if args.folder_uid:
+            body["folderUid"] = args.folder_uid  # without it an update moves it to the root
+        print(json.dumps(body))
+        return 0
     problems = check_dashboard(build_dashboard(), load_recording_rules())
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
