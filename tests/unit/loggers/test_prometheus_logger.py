@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import OmegaConf
 
 from lightning_fragrance.examples.toy import ToyPolicyModule, toy_dataloader
 from lightning_fragrance.loggers import PrometheusLogger
@@ -224,3 +228,21 @@ def test_name_and_version_are_job_and_run_id() -> None:
     logger = PrometheusLogger(job="ppo_fragrance", run_id="run-7")
     assert (logger.name, logger.version) == ("ppo_fragrance", "run-7")
     assert logger.experiment is logger.collector
+
+
+def test_hydra_config_instantiates_the_logger_with_every_argument(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PUSHGATEWAY_URL", "127.0.0.1:9")
+    path = Path(__file__).parents[3] / "configs" / "logger" / "prometheus.yaml"
+    config = OmegaConf.load(path)
+    parameters = set(inspect.signature(PrometheusLogger).parameters)
+    assert set(config) - {"_target_"} == parameters  # every argument present and documented
+    config.metric_map = {"ppo/kl": "rl_kl_divergence"}
+    logger = instantiate(config)
+    assert isinstance(logger, PrometheusLogger)
+    assert logger.pushgateway_url == "127.0.0.1:9"
+    logger.log_metrics({"ppo/kl": 0.5}, step=0)
+    assert sample(logger, "rl_kl_divergence") == 0.5
+    logger.finalize("success")  # nothing listens on port 9: the push fails, counted
+    assert logger.push_errors >= 1
