@@ -498,19 +498,52 @@ class HotReloadManager(Generic[M]):
             ReloadInProgress: another reload or rollback runs.
             NoPreviousVersion: no earlier version has served in this process.
         """
+        record, standby = self._begin_rollback(reload_id)
+        return self._execute_rollback(record, standby, reason)
+
+    def start_rollback(self, *, reason: str = "manual") -> ReloadRecord:
+        """Start a rollback in a background thread and return its record at once.
+
+        Raises:
+            ReloadInProgress: another reload or rollback runs (raised here, synchronously).
+            NoPreviousVersion: no earlier version has served in this process.
+        """
+        record, standby = self._begin_rollback(None)
+        threading.Thread(
+            target=self._execute_rollback,
+            args=(record, standby, reason),
+            name=f"lf-rollback-{record.reload_id}",
+            daemon=True,
+        ).start()
+        return record
+
+    def _begin_rollback(self, reload_id: str | None) -> tuple[ReloadRecord, Worker[M] | None]:
         record = self._begin("rollback", None, reload_id)
         with self._lock:
-            standby = self._standby
-            self._standby = None
+            standby, self._standby = self._standby, None
         if standby is not None and standby.model is not None:
-            return self._swap_back(record, standby, reason)
+            record.requested_version = record.to_version = standby.version
+            return record, standby
         previous = self.previous_version()
         if previous is None:
-            self._finish(record, None, error=None)
+            self._records.pop(record.reload_id, None)
             self._reload_lock.release()
             raise NoPreviousVersion("no earlier version has served in this process")
         record.requested_version = previous
-        return self._run_reload(record, success=ReloadResult.ROLLED_BACK)
+        return record, None
+
+    def _execute_rollback(
+        self, record: ReloadRecord, standby: Worker[M] | None, reason: str
+    ) -> bool:
+        if standby is None:
+            return self._run_reload(record, success=ReloadResult.ROLLED_BACK)
+        try:
+            log.info("=== Model rollback started (%s) ===", reason)
+            self._swap_to(record, standby, ReloadResult.ROLLED_BACK)
+            log.info("=== Model rollback finished ===")
+            return True
+        finally:
+            self._reload_lock.release()
 
     def previous_version(self) -> str | None:
         """The version that served before the current one, if any."""
@@ -603,6 +636,15 @@ class HotReloadManager(Generic[M]):
             # note's 2x), so a kept-warm standby is dropped before loading a third.
             with self._lock:
                 standby, self._standby = self._standby, None
+            if (
+                standby is not None
+                and standby.model is not None
+                and standby.version == record.requested_version
+            ):
+                # CURRENT pointed back at the kept version (a rollback in another process).
+                self._swap_to(record, standby, success)
+                log.info("=== Model reload finished (kept worker reused) ===")
+                return True
             if standby is not None:
                 self._stop(standby)
             try:
@@ -713,16 +755,11 @@ class HotReloadManager(Generic[M]):
                 log.warning("[%s] drain timeout (remaining: %d)", old.name, remaining)
                 self.observer.on_drain_timeout(remaining, self.drain_timeout_action)
 
-    def _swap_back(self, record: ReloadRecord, standby: Worker[M], reason: str) -> bool:
-        try:
-            log.info("=== Model rollback started (%s) ===", reason)
-            record.to_worker, record.to_version = standby.name, standby.version
-            self._switch_and_drain(record, standby)
-            self._finish(record, ReloadResult.ROLLED_BACK, error=None)
-            log.info("=== Model rollback finished ===")
-            return True
-        finally:
-            self._reload_lock.release()
+    def _swap_to(self, record: ReloadRecord, standby: Worker[M], result: ReloadResult) -> None:
+        """Switch back to a kept-warm worker: no load, no warm-up (it served until now)."""
+        record.to_worker, record.to_version = standby.name, standby.version
+        self._switch_and_drain(record, standby)
+        self._finish(record, result, error=None)
 
     def _retire_standby(self, worker: Worker[M]) -> None:
         with self._lock:

@@ -1,0 +1,628 @@
+"""The FastAPI service: ``/dna/create`` on a hot-reloadable policy, admin, health and metrics.
+
+Routes:
+
+- ``POST /dna/create`` ``{user_text, mode}`` → brief → policy → formula (``X-Model-Version``).
+- ``POST /admin/model/reload`` (optional ``{"version": ...}``) → 202 + reload id;
+  ``GET /admin/model/reload/{reload_id}``; ``GET /admin/model``; ``POST /admin/model/rollback``.
+  Bearer token, compared in constant time; no token configured = 403 (DESIGN.md §7).
+- ``GET /health`` (liveness), ``GET /ready`` (stays 200 during a reload, 503 after SIGTERM),
+  ``GET /metrics``.
+
+Several processes (uvicorn workers, replicas on a shared export store) converge through
+``exports/CURRENT``: an admin reload swaps this process's model first and then rewrites
+``CURRENT``; every process watches the file (watchfiles) and runs its own blue/green swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+import watchfiles
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lightning_fragrance.fragrance import BriefError, encode_brief, formulate, parse_brief
+from lightning_fragrance.fragrance.catalog import default_catalog
+from lightning_fragrance.fragrance.dna import decode_action
+from lightning_fragrance.monitoring import BriefMode, OperationsMetricsCollector
+from lightning_fragrance.serving.brief import (
+    BriefGenerator,
+    LLMBriefGenerator,
+    RuleBasedBriefGenerator,
+)
+from lightning_fragrance.serving.hot_reload import (
+    DrainTimeoutExceeded,
+    HotReloadManager,
+    NoModelLoaded,
+    NoPreviousVersion,
+    ReloadInProgress,
+    ReloadRecord,
+    ReloadResult,
+)
+from lightning_fragrance.serving.loading import (
+    ExportNotFoundError,
+    ExportStore,
+    InvalidVersionNameError,
+    LoadedModel,
+    validate_version_name,
+)
+from lightning_fragrance.serving.observer import CollectorReloadObserver
+from lightning_fragrance.serving.settings import ADMIN_TOKEN_ENV, BriefBackend, ServeSettings
+
+log = logging.getLogger(__name__)
+
+VERSION_HEADER = "X-Model-Version"
+WARMUP_TEXTS = (
+    "a fresh citrus scent for summer, not too sweet",
+    "warm amber and vanilla for winter evenings",
+    "a green floral for spring",
+)
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+class DnaRequest(BaseModel):
+    """Body of ``POST /dna/create``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_text: str = Field(min_length=1)
+    mode: BriefMode = BriefMode.BALANCED
+
+
+class ReloadRequest(BaseModel):
+    """Optional body of ``POST /admin/model/reload``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = None
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+
+def policy_warmup(loaded: LoadedModel) -> torch.Tensor:
+    """One warm-up step: the full serving path on fixed briefs; returns the raw actions.
+
+    The actions are returned (not the formula) so the manager can check them for NaN/inf: a
+    policy with corrupted normaliser statistics loads and validates but acts with NaN.
+    """
+    catalog = default_catalog()
+    briefs = [parse_brief(text) for text in WARMUP_TEXTS]
+    observations = torch.stack([torch.as_tensor(encode_brief(b, catalog)) for b in briefs])
+    with torch.no_grad():
+        actions = loaded.model.act(observations, deterministic=True)  # type: ignore[operator]
+    if bool(torch.isfinite(actions).all()):
+        decode_action(actions[0], briefs[0], catalog)
+    return actions
+
+
+def build_manager(
+    store: ExportStore, settings: ServeSettings, collector: OperationsMetricsCollector
+) -> HotReloadManager[LoadedModel]:
+    """A manager that loads versions from ``store`` (default: CURRENT, else the newest)."""
+
+    def load(version: str | None) -> LoadedModel:
+        name = version or store.current() or store.newest()
+        if name is None:
+            raise ExportNotFoundError(
+                f"no complete export in {store.root}; create one with "
+                "`lf-export ckpt_path=<checkpoint> export_dir=<dir>`"
+            )
+        return store.load(name)
+
+    return HotReloadManager(
+        load,
+        warmup_func=policy_warmup,
+        warmup_steps=settings.warmup_steps,
+        drain_timeout=settings.drain_timeout_s,
+        drain_timeout_action=settings.drain_timeout_action,
+        keep_previous_s=settings.keep_previous_s,
+        revert_error_rate=settings.revert_error_rate,
+        revert_min_requests=settings.revert_min_requests,
+        observer=CollectorReloadObserver(collector),
+    )
+
+
+@dataclass
+class ServingState:
+    """Everything the routes share inside one process."""
+
+    settings: ServeSettings
+    store: ExportStore
+    collector: OperationsMetricsCollector
+    manager: HotReloadManager[LoadedModel]
+    brief: BriefGenerator
+    observer: CollectorReloadObserver
+    shutting_down: bool = False
+    inflight: int = 0
+    # Set while an admin reload/rollback runs and until it has rewritten CURRENT, so the
+    # watcher does not "correct" this process back to the old CURRENT in between.
+    admin_busy: threading.Event = field(default_factory=threading.Event)
+    failed_target: str | None = None
+
+    @property
+    def admin_token(self) -> str | None:
+        """The configured bearer token, if any."""
+        return self.settings.resolved_admin_token()
+
+
+def _state(request: Request) -> ServingState:
+    state: ServingState = request.app.state.serving
+    return state
+
+
+# --------------------------------------------------------------------------- ASGI middleware
+
+
+class RequestGuardMiddleware:
+    """Body-size bound (422), API metrics per route template, and ``X-Model-Version``.
+
+    A plain ASGI middleware rather than ``BaseHTTPMiddleware``: it adds no task or stream copy
+    per request, which matters for the throughput target against LitServe.
+    """
+
+    def __init__(self, app: ASGIApp, state_getter: Callable[[], ServingState]) -> None:
+        self.app = app
+        self.state_getter = state_getter
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state_getter()
+        limit = state.settings.max_body_bytes
+        start = time.perf_counter()
+        status = {"code": 500}
+        length = _content_length(scope)
+        if length is not None and length > limit:
+            await _send_json(send, 422, _too_large(length, limit))
+            self._record(state, scope, 422, start)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(received)
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-model-version" for k, _ in headers):
+                    version = state.manager.current_version
+                    if version:
+                        headers.append((b"x-model-version", version.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge as exc:
+            status["code"] = 422
+            await _send_json(send, 422, _too_large(exc.size, limit))
+        self._record(state, scope, status["code"], start)
+
+    @staticmethod
+    def _record(
+        state: ServingState, scope: MutableMapping[str, Any], code: int, start: float
+    ) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "/*"
+        with contextlib.suppress(ValueError):
+            state.collector.record_api_request(
+                endpoint, scope["method"], code, time.perf_counter() - start
+            )
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _content_length(scope: MutableMapping[str, Any]) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
+
+
+def _too_large(size: int, limit: int) -> dict[str, Any]:
+    return {
+        "detail": f"request body of {size} bytes exceeds max_body_bytes={limit}; "
+        "send a shorter user_text"
+    }
+
+
+async def _send_json(send: Callable[[Any], Awaitable[None]], status: int, body: Any) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+# --------------------------------------------------------------------------- admin auth
+
+
+def require_admin(request: Request) -> None:
+    """Bearer-token check for the admin routes (constant-time compare).
+
+    Raises:
+        HTTPException: 403 when no token is configured (admin disabled), 401 when the token is
+            missing or wrong.
+    """
+    token = _state(request).admin_token
+    if not token:
+        raise HTTPException(
+            status_code=403,
+            detail=f"admin routes are disabled: set the {ADMIN_TOKEN_ENV} environment variable "
+            "(or serve.admin_token) to a secret and send 'Authorization: Bearer <token>'",
+        )
+    scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+    # compare_digest on bytes of possibly different lengths still takes time independent of
+    # where they differ (hmac docs); LitServe's plain != leaks the prefix length.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        supplied.strip().encode(), token.encode()
+    ):
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong admin token; send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+# --------------------------------------------------------------------------- CURRENT sync
+
+
+def _after_admin_operation(state: ServingState, record: ReloadRecord) -> None:
+    """Wait for an admin reload/rollback, then point CURRENT at what this process serves."""
+    try:
+        record.done.wait()
+        if record.result in (ReloadResult.SUCCESS, ReloadResult.ROLLED_BACK) and record.to_version:
+            state.store.set_current(record.to_version)
+            log.info("CURRENT -> %s", record.to_version)
+    finally:
+        state.admin_busy.clear()
+
+
+def reconcile(state: ServingState) -> ReloadRecord | None:
+    """Start a reload when CURRENT names another version than the one serving here."""
+    if state.admin_busy.is_set() or state.manager.reloading or state.shutting_down:
+        return None
+    if state.settings.auto_promote_exports:
+        newest = state.store.newest()
+        current = state.store.current()
+        if newest is not None and (current is None or newest > current):
+            log.info("auto-promoting new export %s", newest)
+            state.store.set_current(newest)
+    desired = state.store.current()
+    if desired is None or desired == state.manager.current_version:
+        state.failed_target = None
+        return None
+    if desired == state.failed_target:
+        return None  # already failed here; wait for CURRENT to change again
+    try:
+        record = state.manager.start_reload(desired)
+    except (ReloadInProgress, NoModelLoaded):
+        return None
+    log.info("CURRENT names %s: reloading (reload %s)", desired, record.reload_id)
+
+    def remember_failure() -> None:
+        record.done.wait()
+        if record.result not in (ReloadResult.SUCCESS, ReloadResult.ROLLED_BACK):
+            state.failed_target = desired
+
+    threading.Thread(target=remember_failure, daemon=True).start()
+    return record
+
+
+async def watch_current(state: ServingState, stop: asyncio.Event) -> None:
+    """Reconcile on every change in the export directory, and every reconcile interval."""
+    timeout_ms = int(state.settings.reconcile_interval_s * 1000)
+    async for _changes in watchfiles.awatch(
+        state.store.root,
+        stop_event=stop,
+        debounce=50,
+        step=20,
+        rust_timeout=timeout_ms,
+        yield_on_timeout=True,
+        recursive=False,
+    ):
+        try:
+            reconcile(state)
+        except Exception:  # the watcher must survive a bad CURRENT or a full disk
+            log.exception("reconciling with CURRENT failed")
+
+
+# --------------------------------------------------------------------------- app factory
+
+
+def create_app(
+    settings: ServeSettings,
+    *,
+    collector: OperationsMetricsCollector | None = None,
+    brief_generator: BriefGenerator | None = None,
+) -> FastAPI:
+    """Build the service; the model loads in the lifespan (startup fails if it cannot).
+
+    Args:
+        settings: validated settings.
+        collector: metrics collector (default: one on prometheus_client's default registry).
+        brief_generator: brief stage (default from ``settings.brief_backend``).
+    """
+    store = ExportStore(settings.export_dir)
+    collector = collector or OperationsMetricsCollector()
+    manager = build_manager(store, settings, collector)
+    if brief_generator is None:
+        if settings.brief_backend is BriefBackend.LLM:
+            if settings.llm_model_dir is None:
+                raise ValueError("brief_backend=llm needs llm_model_dir (a save_pretrained dir)")
+            brief_generator = LLMBriefGenerator(settings.llm_model_dir, collector=collector)
+        else:
+            brief_generator = RuleBasedBriefGenerator()
+    assert isinstance(manager.observer, CollectorReloadObserver)
+    state = ServingState(
+        settings=settings,
+        store=store,
+        collector=collector,
+        manager=manager,
+        brief=brief_generator,
+        observer=manager.observer,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        version = store.current() or store.newest()
+        info = await asyncio.to_thread(manager.initialize_first_worker, version)
+        if store.current() is None:
+            store.set_current(info.version)
+        log.info("serving %s on %s", info.version, settings.export_dir)
+        _install_sigterm(state)
+        stop = asyncio.Event()
+        watcher = (
+            asyncio.create_task(watch_current(state, stop)) if settings.watch_current else None
+        )
+        try:
+            yield
+        finally:
+            stop.set()
+            if watcher is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(watcher, timeout=5)
+            manager.shutdown()
+
+    app = FastAPI(title="lightning_fragrance serving", lifespan=lifespan)
+    app.state.serving = state
+    app.add_middleware(RequestGuardMiddleware, state_getter=lambda: state)
+    _add_routes(app)
+    return app
+
+
+def _install_sigterm(state: ServingState) -> None:
+    """SIGTERM: ``/ready`` → 503 now; uvicorn's own shutdown (drain, exit) after a delay."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if state.shutting_down:
+            previous(signum, frame)  # a second SIGTERM: no more waiting
+            return
+        state.shutting_down = True
+        delay = state.settings.shutdown_ready_delay_s
+        log.info("SIGTERM: /ready now 503; closing the listener in %.1f s", delay)
+        loop.call_soon_threadsafe(loop.call_later, delay, previous, signum, None)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.post("/dna/create")
+    async def create_dna(body: DnaRequest, request: Request) -> JSONResponse:
+        state = _state(request)
+        limit = state.settings.max_user_text_chars
+        if len(body.user_text) > limit:
+            raise HTTPException(
+                status_code=422,
+                detail=f"user_text has {len(body.user_text)} characters; the limit is {limit}",
+            )
+        if state.inflight >= state.settings.max_inflight:
+            raise HTTPException(
+                status_code=429,
+                detail=f"{state.inflight} requests in flight (max_inflight="
+                f"{state.settings.max_inflight}); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        state.inflight += 1
+        try:
+            return await _create_dna(state, body)
+        finally:
+            state.inflight -= 1
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        state = _state(request)
+        version = state.manager.current_version
+        if state.shutting_down or version is None:
+            reason = "shutting down" if state.shutting_down else "no model loaded"
+            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+        return JSONResponse(
+            {"ready": True, "version": version, "reloading": state.manager.reloading}
+        )
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        state = _state(request)
+        return Response(state.collector.exposition(), media_type=state.collector.content_type)
+
+    admin = [Depends(require_admin)]
+
+    @app.post("/admin/model/reload", status_code=202, dependencies=admin)
+    async def reload_model(request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
+        state = _state(request)
+        version = _resolve_version(state, body.version if body else None)
+        if state.admin_busy.is_set():
+            raise HTTPException(409, detail="a reload or rollback is already running")
+        state.admin_busy.set()
+        try:
+            record = state.manager.start_reload(version)
+        except ReloadInProgress as exc:
+            state.admin_busy.clear()
+            raise HTTPException(409, detail=str(exc)) from exc
+        threading.Thread(target=_after_admin_operation, args=(state, record), daemon=True).start()
+        return {
+            "reload_id": record.reload_id,
+            "version": version,
+            "status_url": f"/admin/model/reload/{record.reload_id}",
+        }
+
+    @app.post("/admin/model/rollback", status_code=202, dependencies=admin)
+    async def rollback_model(request: Request) -> dict[str, Any]:
+        state = _state(request)
+        if state.admin_busy.is_set():
+            raise HTTPException(409, detail="a reload or rollback is already running")
+        state.admin_busy.set()
+        try:
+            record = state.manager.start_rollback()
+        except ReloadInProgress as exc:
+            state.admin_busy.clear()
+            raise HTTPException(409, detail=str(exc)) from exc
+        except NoPreviousVersion as exc:
+            state.admin_busy.clear()
+            raise HTTPException(409, detail=f"{exc}; reload a named version instead") from exc
+        threading.Thread(target=_after_admin_operation, args=(state, record), daemon=True).start()
+        return {
+            "reload_id": record.reload_id,
+            "version": record.requested_version,
+            "status_url": f"/admin/model/reload/{record.reload_id}",
+        }
+
+    @app.get("/admin/model/reload/{reload_id}", dependencies=admin)
+    async def reload_status(reload_id: str, request: Request) -> dict[str, Any]:
+        record = _state(request).manager.get_reload(reload_id)
+        if record is None:
+            raise HTTPException(404, detail=f"no reload {reload_id!r} in this process")
+        return record.as_dict()
+
+    @app.get("/admin/model", dependencies=admin)
+    async def model_info(request: Request) -> dict[str, Any]:
+        state = _state(request)
+        standby = state.manager.get_standby_info()
+        return {
+            "current": state.manager.get_current_worker_info().as_dict(),
+            "standby": standby.as_dict() if standby else None,
+            "reloading": state.manager.reloading,
+            "current_pointer": state.store.current(),
+            "versions": state.store.complete_versions(),
+            "drain_timeouts": dict(state.observer.drain_timeouts),
+        }
+
+
+def _resolve_version(state: ServingState, requested: str | None) -> str:
+    if requested is None:
+        newest = state.store.newest()
+        if newest is None:
+            raise HTTPException(404, detail=f"no complete export in {state.store.root}")
+        return newest
+    try:
+        validate_version_name(requested)
+    except InvalidVersionNameError as exc:
+        raise HTTPException(400, detail=str(exc)) from exc
+    if not state.store.path_for(requested).is_dir():
+        raise HTTPException(
+            404, detail=f"export {requested!r} not found; available: {state.store.versions()}"
+        )
+    return requested
+
+
+async def _create_dna(state: ServingState, body: DnaRequest) -> JSONResponse:
+    def work() -> tuple[str, dict[str, Any]]:
+        # The request takes its worker at admission and keeps it for the brief and the policy
+        # (research note §6.10: generation pinning); the lease lives in this thread, so a
+        # request that outlives the HTTP timeout still holds its worker and the drain waits
+        # for the real end of the work.
+        with state.manager.lease() as lease:
+            try:
+                result = state.brief.generate(body.user_text, body.mode)
+            except BriefError as exc:
+                return lease.version, {"error": str(exc)}
+            dna = formulate(lease.model.model, result.brief)  # type: ignore[arg-type]
+            return lease.version, {
+                "version": lease.version,
+                "brief": result.brief.model_dump(mode="json"),
+                "brief_source": result.source.value,
+                "dna": dna.model_dump(mode="json"),
+            }
+
+    timeout = state.settings.request_timeout_s
+    try:
+        version, payload = await asyncio.wait_for(asyncio.to_thread(work), timeout=timeout)
+    except DrainTimeoutExceeded as exc:
+        raise HTTPException(
+            503, detail=str(exc), headers={"Retry-After": str(exc.retry_after)}
+        ) from exc
+    except TimeoutError as exc:
+        raise HTTPException(504, detail=f"request exceeded request_timeout_s={timeout}") from exc
+    except NoModelLoaded as exc:
+        raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from exc
+    if "error" in payload:
+        raise HTTPException(422, detail=payload["error"])
+    return JSONResponse(payload, headers={VERSION_HEADER: version})
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn factory for ``--workers N``: settings come from ``LF_SERVE_SETTINGS`` (JSON)."""
+    import os
+
+    from lightning_fragrance.serving.settings import SETTINGS_ENV
+
+    raw = os.environ.get(SETTINGS_ENV, "{}")
+    return create_app(ServeSettings.model_validate_json(raw))

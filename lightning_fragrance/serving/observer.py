@@ -1,0 +1,58 @@
+"""The metrics seam: ``HotReloadManager`` events → ``OperationsMetricsCollector``.
+
+The manager reports through the small ``ReloadObserver`` protocol so that it imports no
+Prometheus; this adapter is the one place that knows the collector's recorders.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lightning_fragrance.monitoring import OperationsMetricsCollector
+from lightning_fragrance.serving.hot_reload import DrainTimeoutAction, ReloadPhase, ReloadResult
+
+log = logging.getLogger(__name__)
+
+
+class CollectorReloadObserver:
+    """Records reload phases, results, ``model_info`` and drain timeouts with the collector.
+
+    Args:
+        collector: the process's ``OperationsMetricsCollector``.
+    """
+
+    def __init__(self, collector: OperationsMetricsCollector) -> None:
+        self.collector = collector
+        self.drain_timeouts: dict[str, int] = {}
+
+    def on_phase(self, phase: ReloadPhase, seconds: float) -> None:
+        """Observe ``model_reload_phase_seconds{phase}``; phases the catalogue lacks are skipped."""
+        try:
+            self.collector.record_reload_phase(phase.value, seconds)
+        except ValueError:
+            # STOPPED is not a timed phase of the catalogue (its time is the memory release).
+            log.debug("phase %s is not in the metric catalogue", phase.value)
+
+    def on_reload(self, result: ReloadResult) -> None:
+        """Count ``model_reload_total{result}``."""
+        try:
+            self.collector.record_model_reload(result.value)
+        except ValueError:
+            # A catalogue without "rolled_back": a rollback is a successful reload (to an
+            # earlier version), so it is counted as one rather than lost.
+            self.collector.record_model_reload(ReloadResult.SUCCESS.value)
+
+    def on_model_info(self, role: str, version: str, value: float) -> None:
+        """Keep ``model_info{role,version}`` in step with the worker roles."""
+        if value:
+            self.collector.set_model_version(version, role)
+        elif role == "draining":
+            self.collector.retire_model_version(version)
+        # ("current", 0) is followed by ("draining", 1) for the same version, which moves it.
+
+    def on_drain_timeout(self, remaining: int, action: DrainTimeoutAction) -> None:
+        """Count requests that outlived the drain timeout (also in ``GET /admin/model``)."""
+        self.drain_timeouts[action.value] = self.drain_timeouts.get(action.value, 0) + remaining
+
+    def on_inflight(self, worker: str, value: int) -> None:
+        """In-flight requests are already tracked per process by ``track_api_request``."""

@@ -1,0 +1,83 @@
+"""Settings of the serving process (``configs/serve.yaml``, ``lf-serve``), validated once."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lightning_fragrance.serving.hot_reload import DrainTimeoutAction
+
+ADMIN_TOKEN_ENV = "LF_ADMIN_TOKEN"
+SETTINGS_ENV = "LF_SERVE_SETTINGS"
+
+
+class BriefBackend(str, Enum):
+    """Which brief generator ``/dna/create`` uses."""
+
+    RULES = "rules"
+    LLM = "llm"
+
+
+class ServeSettings(BaseModel):
+    """Everything ``lf-serve`` can configure; defaults are the safe ones.
+
+    Attributes:
+        export_dir: the export store (``lf-export`` output); ``CURRENT`` inside it is watched.
+        host: bind address; loopback unless you mean to expose the service.
+        port: TCP port.
+        workers: uvicorn worker processes; they converge through ``CURRENT``.
+        admin_token: bearer token of the admin routes; ``LF_ADMIN_TOKEN`` overrides it. With no
+            token the admin routes answer 403.
+        warmup_steps: warm-up calls before a new model takes traffic.
+        drain_timeout_s: seconds the old worker gets to finish its requests.
+        drain_timeout_action: ``leave_running`` or ``reject`` (503 + Retry-After).
+        keep_previous_s: keep the previous model warm this long for an instant rollback.
+        revert_error_rate: error rate of the new model that reverts to the kept one.
+        revert_min_requests: requests before the error rate counts.
+        max_inflight: concurrent ``/dna/create`` requests per process; more get 429.
+        request_timeout_s: a ``/dna/create`` slower than this gets 504.
+        max_body_bytes: larger request bodies get 422.
+        max_user_text_chars: a longer ``user_text`` gets 422.
+        watch_current: reload when ``CURRENT`` changes (multi-worker / multi-replica sync).
+        auto_promote_exports: point ``CURRENT`` at every new complete export by itself.
+        reconcile_interval_s: also re-read ``CURRENT`` this often (file events can be missed
+            on network filesystems).
+        shutdown_ready_delay_s: after SIGTERM, ``/ready`` answers 503 this long before the
+            listener closes, so load balancers stop sending traffic first.
+        graceful_shutdown_s: then in-flight requests get this long to finish.
+        brief_backend: ``rules`` (default) or ``llm``.
+        llm_model_dir: a transformers causal-LM directory for ``brief_backend=llm``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    export_dir: Path = Path("exports")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    admin_token: str | None = None
+    warmup_steps: int = Field(default=5, ge=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    drain_timeout_action: DrainTimeoutAction = DrainTimeoutAction.REJECT
+    keep_previous_s: float = Field(default=0.0, ge=0)
+    revert_error_rate: float | None = Field(default=0.5, gt=0, le=1)
+    revert_min_requests: int = Field(default=20, ge=1)
+    max_inflight: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    max_body_bytes: int = Field(default=16_384, ge=64)
+    max_user_text_chars: int = Field(default=2_000, ge=1)
+    watch_current: bool = True
+    auto_promote_exports: bool = False
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
+    shutdown_ready_delay_s: float = Field(default=1.0, ge=0)
+    graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    brief_backend: BriefBackend = BriefBackend.RULES
+    llm_model_dir: Path | None = None
+
+    def resolved_admin_token(self) -> str | None:
+        """The admin token: the environment first, then the config; empty means none."""
+        token = os.environ.get(ADMIN_TOKEN_ENV) or self.admin_token
+        return token or None
