@@ -1,0 +1,642 @@
+"""The fragrance brief: what a customer asked for, as a validated record, and a rule parser.
+
+`parse_brief("a fresh citrus scent for summer, not too sweet")` turns text (English or Korean)
+into a `Brief` with deterministic keyword rules. The serving layer may produce briefs with an
+LLM instead; both end in the same pydantic model, so the environment and the decoder see one
+schema.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lightning_fragrance.fragrance.catalog import FAMILIES, Family, default_catalog
+
+
+class Intensity(str, Enum):
+    """Concentration class of the finished product."""
+
+    EDC = "edc"
+    EDT = "edt"
+    EDP = "edp"
+    PARFUM = "parfum"
+
+
+# Total fragrance-oil concentration in the finished product, percent (usual trade ranges).
+CONCENTRATION_RANGES: dict[Intensity, tuple[float, float]] = {
+    Intensity.EDC: (2.0, 5.0),
+    Intensity.EDT: (5.0, 15.0),
+    Intensity.EDP: (15.0, 20.0),
+    Intensity.PARFUM: (20.0, 30.0),
+}
+
+
+class Mood(str, Enum):
+    """The feeling the customer wants; it tilts the profile and the pyramid."""
+
+    FRESH = "fresh"
+    ROMANTIC = "romantic"
+    WARM = "warm"
+    ELEGANT = "elegant"
+    PLAYFUL = "playful"
+    CALM = "calm"
+    SENSUAL = "sensual"
+
+
+class Season(str, Enum):
+    """When the fragrance will be worn."""
+
+    SPRING = "spring"
+    SUMMER = "summer"
+    AUTUMN = "autumn"
+    WINTER = "winter"
+
+
+class BriefError(ValueError):
+    """A brief that cannot be built; the message says which field and what is allowed."""
+
+
+class Brief(BaseModel):
+    """A validated fragrance brief.
+
+    Attributes:
+        profile: Target weight per olfactive family, each in [0, 1]; missing families are 0,
+            at least one must be positive.
+        intensity: EDC / EDT / EDP / parfum, which fixes the target total concentration.
+        include_notes: Catalogue ingredient names the formula should contain.
+        avoid_notes: Catalogue ingredient names the formula must not contain.
+        avoid_families: Families the customer ruled out (their profile weight is 0).
+        mood: Optional mood.
+        season: Optional season.
+    """
+
+    model_config = ConfigDict(frozen=True, use_enum_values=False)
+
+    profile: dict[Family, float]
+    intensity: Intensity = Intensity.EDP
+    include_notes: list[str] = Field(default_factory=list)
+    avoid_notes: list[str] = Field(default_factory=list)
+    avoid_families: list[Family] = Field(default_factory=list)
+    mood: Mood | None = None
+    season: Season | None = None
+
+    @field_validator("profile")
+    @classmethod
+    def _complete_profile(cls, profile: dict[Family, float]) -> dict[Family, float]:
+        for family, weight in profile.items():
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"profile weight of {family.value!r} is {weight}; use [0, 1]")
+        if not any(w > 0 for w in profile.values()):
+            raise ValueError(
+                "the profile has no positive weight; give at least one of "
+                f"{[f.value for f in FAMILIES]} a weight in (0, 1]"
+            )
+        return {family: float(profile.get(family, 0.0)) for family in FAMILIES}
+
+    @field_validator("include_notes", "avoid_notes")
+    @classmethod
+    def _known_notes(cls, notes: list[str]) -> list[str]:
+        catalog = default_catalog()
+        # index_of raises a KeyError that names close matches; surface it as a validation error.
+        resolved = []
+        for note in notes:
+            try:
+                resolved.append(catalog[catalog.index_of(note)].name)
+            except KeyError as error:
+                raise ValueError(str(error.args[0])) from None
+        return list(dict.fromkeys(resolved))
+
+    @model_validator(mode="after")
+    def _no_contradiction(self) -> Brief:
+        both = sorted(set(self.include_notes) & set(self.avoid_notes))
+        if both:
+            raise ValueError(f"notes both included and avoided: {both}")
+        return self
+
+    @property
+    def concentration_range(self) -> tuple[float, float]:
+        """Target total concentration range in percent."""
+        return CONCENTRATION_RANGES[self.intensity]
+
+    def profile_vector(self) -> list[float]:
+        """Profile weights in `FAMILIES` order."""
+        return [self.profile[f] for f in FAMILIES]
+
+    def top_families(self, k: int = 3) -> list[Family]:
+        """The `k` heaviest families with a positive weight, heaviest first."""
+        ranked = sorted(FAMILIES, key=lambda f: (-self.profile[f], FAMILIES.index(f)))
+        return [f for f in ranked[:k] if self.profile[f] > 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule parser
+# ---------------------------------------------------------------------------------------------
+
+_FAMILY_KEYWORDS: dict[Family, tuple[str, ...]] = {
+    Family.CITRUS: (
+        "citrus",
+        "citrusy",
+        "zesty",
+        "lemon",
+        "bergamot",
+        "orange",
+        "grapefruit",
+        "lime",
+        "mandarin",
+        "yuzu",
+        "시트러스",
+        "레몬",
+        "베르가못",
+        "오렌지",
+        "자몽",
+        "라임",
+        "귤",
+        "유자",
+        "상큼",
+    ),
+    Family.FLORAL: (
+        "floral",
+        "flower",
+        "flowers",
+        "flowery",
+        "rose",
+        "jasmine",
+        "neroli",
+        "tuberose",
+        "ylang",
+        "iris",
+        "orris",
+        "violet",
+        "peony",
+        "lily",
+        "플로럴",
+        "꽃",
+        "장미",
+        "로즈",
+        "자스민",
+        "재스민",
+        "튜베로즈",
+        "네롤리",
+        "아이리스",
+        "제비꽃",
+        "작약",
+        "백합",
+    ),
+    Family.WOODY: (
+        "woody",
+        "wood",
+        "woods",
+        "cedar",
+        "sandalwood",
+        "vetiver",
+        "patchouli",
+        "우디",
+        "나무",
+        "시더",
+        "샌달우드",
+        "백단",
+        "베티버",
+        "패출리",
+    ),
+    Family.AMBER: (
+        "amber",
+        "ambery",
+        "resin",
+        "resinous",
+        "incense",
+        "balsamic",
+        "oriental",
+        "labdanum",
+        "앰버",
+        "호박",
+        "인센스",
+        "레진",
+        "유향",
+    ),
+    Family.GREEN: (
+        "green",
+        "grass",
+        "grassy",
+        "leafy",
+        "leaf",
+        "galbanum",
+        "그린",
+        "풀잎",
+        "잎사귀",
+        "풀내음",
+    ),
+    Family.FRUITY: (
+        "fruity",
+        "fruit",
+        "fruits",
+        "peach",
+        "berry",
+        "berries",
+        "apple",
+        "pear",
+        "raspberry",
+        "blackcurrant",
+        "cassis",
+        "프루티",
+        "과일",
+        "복숭아",
+        "베리",
+        "사과",
+        "라즈베리",
+        "블랙커런트",
+    ),
+    Family.SPICY: (
+        "spicy",
+        "spice",
+        "spices",
+        "pepper",
+        "peppery",
+        "cinnamon",
+        "clove",
+        "cardamom",
+        "ginger",
+        "nutmeg",
+        "스파이시",
+        "향신료",
+        "후추",
+        "시나몬",
+        "계피",
+        "정향",
+        "카다멈",
+        "생강",
+    ),
+    Family.MUSK: (
+        "musk",
+        "musky",
+        "powdery",
+        "powder",
+        "skin scent",
+        "머스크",
+        "사향",
+        "파우더리",
+        "파우더",
+    ),
+    Family.AROMATIC: (
+        "aromatic",
+        "herbal",
+        "herb",
+        "herbs",
+        "lavender",
+        "rosemary",
+        "mint",
+        "minty",
+        "sage",
+        "basil",
+        "아로마틱",
+        "허브",
+        "라벤더",
+        "로즈마리",
+        "민트",
+        "세이지",
+        "바질",
+    ),
+    Family.GOURMAND: (
+        "gourmand",
+        "sweet",
+        "vanilla",
+        "caramel",
+        "chocolate",
+        "cocoa",
+        "coffee",
+        "tonka",
+        "honey",
+        "구르망",
+        "달콤",
+        "달달",
+        "달지",
+        "달게",
+        "바닐라",
+        "카라멜",
+        "캐러멜",
+        "초콜릿",
+        "초콜렛",
+        "커피",
+        "통카",
+        "꿀",
+    ),
+}
+
+# Keywords that also name a catalogue material: "rose" asks for the floral family AND for rose.
+_NOTE_KEYWORDS: dict[str, str] = {
+    "lemon": "Lemon oil",
+    "레몬": "Lemon oil",
+    "bergamot": "Bergamot oil",
+    "베르가못": "Bergamot oil",
+    "orange": "Sweet orange oil",
+    "오렌지": "Sweet orange oil",
+    "grapefruit": "Grapefruit oil",
+    "자몽": "Grapefruit oil",
+    "lime": "Lime oil (expressed)",
+    "라임": "Lime oil (expressed)",
+    "mandarin": "Mandarin oil",
+    "귤": "Mandarin oil",
+    "rose": "Rose oil",
+    "장미": "Rose oil",
+    "로즈": "Rose oil",
+    "jasmine": "Jasmine absolute",
+    "자스민": "Jasmine absolute",
+    "재스민": "Jasmine absolute",
+    "neroli": "Neroli oil",
+    "네롤리": "Neroli oil",
+    "tuberose": "Tuberose absolute",
+    "튜베로즈": "Tuberose absolute",
+    "ylang": "Ylang-ylang oil",
+    "iris": "Orris butter",
+    "orris": "Orris butter",
+    "아이리스": "Orris butter",
+    "violet": "Beta-ionone",
+    "제비꽃": "Beta-ionone",
+    "cedar": "Cedarwood oil (Virginia)",
+    "시더": "Cedarwood oil (Virginia)",
+    "sandalwood": "Sandalwood oil",
+    "샌달우드": "Sandalwood oil",
+    "백단": "Sandalwood oil",
+    "vetiver": "Vetiver oil",
+    "베티버": "Vetiver oil",
+    "patchouli": "Patchouli oil",
+    "패출리": "Patchouli oil",
+    "incense": "Olibanum oil",
+    "인센스": "Olibanum oil",
+    "유향": "Olibanum oil",
+    "labdanum": "Labdanum resinoid",
+    "galbanum": "Galbanum oil",
+    "peach": "Gamma-undecalactone",
+    "복숭아": "Gamma-undecalactone",
+    "raspberry": "Raspberry ketone",
+    "라즈베리": "Raspberry ketone",
+    "blackcurrant": "Blackcurrant bud absolute",
+    "cassis": "Blackcurrant bud absolute",
+    "블랙커런트": "Blackcurrant bud absolute",
+    "pepper": "Black pepper oil",
+    "후추": "Black pepper oil",
+    "cinnamon": "Cinnamon bark oil",
+    "시나몬": "Cinnamon bark oil",
+    "계피": "Cinnamon bark oil",
+    "clove": "Clove bud oil",
+    "정향": "Clove bud oil",
+    "cardamom": "Cardamom oil",
+    "카다멈": "Cardamom oil",
+    "ginger": "Ginger oil",
+    "생강": "Ginger oil",
+    "nutmeg": "Nutmeg oil",
+    "lavender": "Lavender oil",
+    "라벤더": "Lavender oil",
+    "rosemary": "Rosemary oil",
+    "로즈마리": "Rosemary oil",
+    "mint": "Peppermint oil",
+    "민트": "Peppermint oil",
+    "sage": "Clary sage oil",
+    "세이지": "Clary sage oil",
+    "basil": "Basil oil",
+    "바질": "Basil oil",
+    "vanilla": "Vanillin",
+    "바닐라": "Vanillin",
+    "chocolate": "Cocoa absolute",
+    "cocoa": "Cocoa absolute",
+    "초콜릿": "Cocoa absolute",
+    "초콜렛": "Cocoa absolute",
+    "coffee": "Coffee absolute",
+    "커피": "Coffee absolute",
+    "tonka": "Tonka bean absolute",
+    "통카": "Tonka bean absolute",
+}
+
+_MOOD_KEYWORDS: dict[Mood, tuple[str, ...]] = {
+    Mood.FRESH: (
+        "fresh",
+        "clean",
+        "airy",
+        "crisp",
+        "refreshing",
+        "상쾌",
+        "산뜻",
+        "청량",
+        "프레시",
+        "깨끗",
+    ),
+    Mood.ROMANTIC: ("romantic", "romance", "date", "love", "로맨틱", "사랑", "데이트"),
+    Mood.WARM: ("warm", "cozy", "cosy", "comforting", "따뜻", "포근", "아늑"),
+    Mood.ELEGANT: ("elegant", "sophisticated", "classy", "chic", "우아", "세련", "고급"),
+    Mood.PLAYFUL: ("playful", "fun", "cheerful", "bright", "발랄", "경쾌", "명랑", "밝은"),
+    Mood.CALM: ("calm", "relaxing", "soothing", "peaceful", "차분", "편안", "힐링", "잔잔"),
+    Mood.SENSUAL: ("sensual", "sexy", "seductive", "관능", "섹시", "유혹"),
+}
+
+_SEASON_KEYWORDS: dict[Season, tuple[str, ...]] = {
+    Season.SPRING: ("spring", "봄"),
+    Season.SUMMER: ("summer", "여름"),
+    Season.AUTUMN: ("autumn", "fall", "가을"),
+    Season.WINTER: ("winter", "겨울"),
+}
+
+_INTENSITY_KEYWORDS: dict[Intensity, tuple[str, ...]] = {
+    Intensity.EDC: ("edc", "eau de cologne", "cologne", "splash", "코롱", "오드코롱"),
+    Intensity.EDT: (
+        "edt",
+        "eau de toilette",
+        "light",
+        "subtle",
+        "soft",
+        "가벼운",
+        "은은",
+        "오드뚜왈렛",
+        "오드투알렛",
+    ),
+    Intensity.EDP: ("edp", "eau de parfum", "오드퍼퓸", "오드빠르펭"),
+    Intensity.PARFUM: (
+        "parfum",
+        "extrait",
+        "strong",
+        "intense",
+        "long-lasting",
+        "long lasting",
+        "진한",
+        "강한",
+        "오래",
+        "지속력",
+    ),
+}
+
+# Moods and seasons tilt the profile (weight 0.3 next to 1.0 for a named family) so that
+# "something warm for winter" still yields a usable target without any family keyword.
+_MOOD_PROFILES: dict[Mood, dict[Family, float]] = {
+    Mood.FRESH: {Family.CITRUS: 1.0, Family.GREEN: 0.6, Family.AROMATIC: 0.3},
+    Mood.ROMANTIC: {Family.FLORAL: 1.0, Family.FRUITY: 0.4, Family.MUSK: 0.4},
+    Mood.WARM: {Family.AMBER: 1.0, Family.WOODY: 0.5, Family.GOURMAND: 0.5, Family.SPICY: 0.3},
+    Mood.ELEGANT: {Family.FLORAL: 0.8, Family.WOODY: 0.6, Family.MUSK: 0.5},
+    Mood.PLAYFUL: {Family.FRUITY: 1.0, Family.CITRUS: 0.5, Family.FLORAL: 0.4},
+    Mood.CALM: {Family.AROMATIC: 1.0, Family.WOODY: 0.5, Family.MUSK: 0.4},
+    Mood.SENSUAL: {Family.MUSK: 1.0, Family.AMBER: 0.8, Family.WOODY: 0.5, Family.FLORAL: 0.3},
+}
+_SEASON_PROFILES: dict[Season, dict[Family, float]] = {
+    Season.SPRING: {Family.FLORAL: 1.0, Family.GREEN: 0.6},
+    Season.SUMMER: {Family.CITRUS: 1.0, Family.GREEN: 0.5},
+    Season.AUTUMN: {Family.WOODY: 1.0, Family.SPICY: 0.6},
+    Season.WINTER: {Family.AMBER: 1.0, Family.SPICY: 0.5},
+}
+_DEFAULT_PROFILE = {Family.FLORAL: 0.8, Family.CITRUS: 0.6, Family.WOODY: 0.6, Family.MUSK: 0.4}
+_TILT = 0.3
+
+_EN_NEGATIONS = frozenset(
+    {
+        "not",
+        "no",
+        "without",
+        "avoid",
+        "less",
+        "never",
+        "don't",
+        "dont",
+        "nothing",
+        "hate",
+        "except",
+        "minus",
+        "zero",
+        "free",
+    }
+)
+# Korean negation follows the word ("달지 않은", "머스크 없이", "바닐라는 빼고") or, for "덜"/"노",
+# precedes it ("덜 달게", "노 머스크").
+_KO_NEGATION_AFTER = re.compile(r"^\S{0,3}\s?(않|없|빼|말고|싫|제외|안\s)")
+_KO_NEGATION_BEFORE = re.compile(r"(^|\s)(덜|노|안)\s?$")
+_CLAUSE_BREAK = re.compile(r"[,.;!?\n]|\bbut\b|하지만|그러나|그리고|지만")
+
+
+@dataclass(frozen=True)
+class _Match:
+    start: int
+    end: int
+    keyword: str
+    negated: bool
+
+
+def _is_ascii(text: str) -> bool:
+    return all(ord(ch) < 128 for ch in text)
+
+
+def _keyword_matches(text: str, keywords: list[str]) -> list[_Match]:
+    """Non-overlapping keyword spans, longest keyword first ("rosemary" wins over "rose")."""
+    spans: list[tuple[int, int, str]] = []
+    for keyword in sorted(set(keywords), key=len, reverse=True):
+        # ASCII keywords need word boundaries ("lime" is not in "sublime"); Korean ones do not,
+        # because particles attach to the word ("장미향", "시트러스한").
+        pattern = (
+            rf"(?<![a-z]){re.escape(keyword)}(?![a-z])"
+            if _is_ascii(keyword)
+            else (re.escape(keyword))
+        )
+        for found in re.finditer(pattern, text):
+            if all(found.end() <= s or found.start() >= e for s, e, _ in spans):
+                spans.append((found.start(), found.end(), keyword))
+    spans.sort()
+    return [_Match(s, e, k, _is_negated(text, s, e)) for s, e, k in spans]
+
+
+def _clause_bounds(text: str, start: int, end: int) -> tuple[int, int]:
+    left = 0
+    for br in _CLAUSE_BREAK.finditer(text[:start]):
+        left = br.end()
+    after = _CLAUSE_BREAK.search(text, end)
+    return left, after.start() if after else len(text)
+
+
+def _is_negated(text: str, start: int, end: int) -> bool:
+    left, right = _clause_bounds(text, start, end)
+    before_words = re.findall(r"[a-z']+", text[left:start])[-3:]
+    if any(word in _EN_NEGATIONS for word in before_words):
+        return True
+    return bool(
+        _KO_NEGATION_AFTER.search(text[end:right]) or _KO_NEGATION_BEFORE.search(text[left:start])
+    )
+
+
+_E = TypeVar("_E", bound=Enum)
+
+
+def _first(matches: list[_Match], table: Mapping[_E, tuple[str, ...]]) -> _E | None:
+    for match in matches:
+        if match.negated:
+            continue
+        for value, keywords in table.items():
+            if match.keyword in keywords:
+                return value
+    return None
+
+
+def parse_brief(text: str) -> Brief:
+    """Turn a customer's text (English and/or Korean) into a `Brief` with keyword rules.
+
+    Family keywords set a weight of 1.0; mood and season tilt the profile by 0.3; negated
+    keywords ("not too sweet", "바닐라 없이") rule a family or note out. Without any cue the
+    profile is a balanced floral-citrus-woody default.
+
+    Args:
+        text: Free text, e.g. "a fresh citrus scent for summer, not too sweet".
+
+    Raises:
+        BriefError: When `text` is empty.
+    """
+    if not text or not text.strip():
+        raise BriefError("the brief text is empty; describe the scent, e.g. 'fresh citrus'")
+    lowered = text.lower()
+    all_keywords = [k for ks in _FAMILY_KEYWORDS.values() for k in ks]
+    all_keywords += [k for ks in _MOOD_KEYWORDS.values() for k in ks]
+    all_keywords += [k for ks in _SEASON_KEYWORDS.values() for k in ks]
+    all_keywords += [k for ks in _INTENSITY_KEYWORDS.values() for k in ks]
+    matches = _keyword_matches(lowered, all_keywords)
+
+    profile = dict.fromkeys(FAMILIES, 0.0)
+    avoid_families: list[Family] = []
+    include: list[str] = []
+    avoid: list[str] = []
+    for match in matches:
+        for family, keywords in _FAMILY_KEYWORDS.items():
+            if match.keyword not in keywords:
+                continue
+            if match.negated:
+                # "no vanilla" rules out vanilla, not every gourmand material.
+                if match.keyword not in _NOTE_KEYWORDS:
+                    avoid_families.append(family)
+            else:
+                profile[family] = 1.0
+        note = _NOTE_KEYWORDS.get(match.keyword)
+        if note is not None:
+            (avoid if match.negated else include).append(note)
+
+    mood = _first(matches, _MOOD_KEYWORDS)
+    season = _first(matches, _SEASON_KEYWORDS)
+    intensity = _first(matches, _INTENSITY_KEYWORDS) or Intensity.EDP
+    tilts = [_MOOD_PROFILES[mood]] if mood is not None else []
+    tilts += [_SEASON_PROFILES[season]] if season is not None else []
+    for tilt in tilts:
+        for family, weight in tilt.items():
+            profile[family] = min(1.0, profile[family] + _TILT * weight)
+    for family in avoid_families:
+        profile[family] = 0.0
+    if not any(profile.values()):
+        # No positive cue (or only exclusions): fall back to a balanced, widely liked profile.
+        profile.update({f: w for f, w in _DEFAULT_PROFILE.items() if f not in avoid_families})
+    if not any(profile.values()):
+        raise BriefError(f"every family was ruled out by {text!r}; name at least one you want")
+    avoid = [n for n in dict.fromkeys(avoid)]
+    include = [n for n in dict.fromkeys(include) if n not in avoid]
+    return Brief(
+        profile=profile,
+        intensity=intensity,
+        include_notes=include,
+        avoid_notes=avoid,
+        avoid_families=list(dict.fromkeys(avoid_families)),
+        mood=mood,
+        season=season,
+    )
