@@ -261,8 +261,10 @@ class RollbackCheckpoint(Checkpoint):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if self._writer is not None:  # keep what was already staged
-            self._writer.flush()
+        if self._writer is not None:  # keep what was already staged, then stop the thread
+            self._writer.close()
+            self._report_write_errors()
+            self._writer = None
 
     # ------------------------------------------------------------------ per step
     @override
