@@ -92,14 +92,22 @@ def _finite(name: str, value: float, *, non_negative: bool = False) -> float:
     return number
 
 
-@dataclass
 class BriefOutcome:
-    """Handle yielded by ``track_llm_brief``: mark the brief repaired or failed before it ends."""
+    """Context manager returned by ``track_llm_brief``; mark the brief repaired or failed inside.
 
-    mode: str
-    repaired: bool = False
-    repair_type: str | None = None
-    failed: bool = False
+    A plain class rather than ``@contextmanager``: a generator-based context manager costs a
+    few microseconds more per request (benchmarks/bench_metrics_overhead.py).
+    """
+
+    __slots__ = ("_collector", "_start", "failed", "mode", "repair_type", "repaired")
+
+    def __init__(self, collector: OperationsMetricsCollector, mode: str) -> None:
+        self._collector = collector
+        self.mode = mode
+        self.repaired = False
+        self.repair_type: str | None = None
+        self.failed = False
+        self._start = 0.0
 
     def mark_repaired(self, repair_type: str | RepairType = RepairType.OTHER) -> None:
         """Record that the answer needed a repair of this type (validated when recorded)."""
@@ -110,18 +118,52 @@ class BriefOutcome:
         """Record the brief as a failure even though no exception escaped."""
         self.failed = True
 
+    def __enter__(self) -> BriefOutcome:
+        self._start = time.perf_counter()
+        return self
 
-@dataclass
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self.failed = True  # and the exception propagates
+        self._collector.record_llm_brief(
+            self.mode,
+            not self.failed,
+            time.perf_counter() - self._start,
+            self.repaired,
+            self.repair_type,
+        )
+
+
 class ApiRequestOutcome:
-    """Handle yielded by ``track_api_request``; the status defaults to 200, or 500 on exception."""
+    """Context manager returned by ``track_api_request``; status 200 by default, 500 on error."""
 
-    endpoint: str
-    method: str
-    status_code: int | None = None
+    __slots__ = ("_collector", "_inflight", "_start", "endpoint", "method", "status_code")
+
+    def __init__(self, collector: OperationsMetricsCollector, endpoint: str, method: str) -> None:
+        self._collector = collector
+        self.endpoint = endpoint
+        self.method = method
+        self.status_code: int | None = None
+        self._inflight = collector._child("inflight_requests", (collector.worker,))
+        self._start = 0.0
 
     def set_status_code(self, status_code: int) -> None:
         """Set the HTTP status code the response carries."""
         self.status_code = status_code
+
+    def __enter__(self) -> ApiRequestOutcome:
+        self._inflight.inc()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self._inflight.dec()
+        status = self.status_code
+        if status is None:
+            status = 200 if exc_type is None else 500
+        self._collector.record_api_request(
+            self.endpoint, self.method, status, time.perf_counter() - self._start
+        )
 
 
 @dataclass
@@ -177,6 +219,10 @@ class OperationsMetricsCollector:
         # Children cached per label tuple: .labels() costs ~1.5 us, a cached child ~0.4 us
         # (research note §0), which keeps a recorder within 1.5x of the raw client calls.
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        # Validated label sets of the two per-request recorders -> their children.
+        self._brief_children: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+        self._api_children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._vocabulary_children: dict[tuple[str, str | Enum], Any] = {}
         self._lock = threading.Lock()
         self._endpoints = _LabelBudget("endpoint", max_endpoints)
         self._algorithms = _LabelBudget("algorithm", 16)
@@ -261,6 +307,17 @@ class OperationsMetricsCollector:
             self._children[key] = child
         return child
 
+    def _vocabulary_child(
+        self, name: str, label: str, value: str | Enum, allowed: tuple[str, ...]
+    ) -> Any:
+        """Child of a one-label metric with a closed vocabulary, validated once per value."""
+        key = (name, value)
+        child = self._vocabulary_children.get(key)
+        if child is None:
+            child = self._child(name, (_choice(label, value, allowed),))
+            self._vocabulary_children[key] = child
+        return child
+
     def _latency_child(self, mode: str) -> Any:
         return self._child("llm_brief_latency_seconds", (mode,))
 
@@ -286,19 +343,30 @@ class OperationsMetricsCollector:
         Raises:
             ValueError: Unknown mode or repair type, negative or non-finite latency.
         """
-        mode_value = _choice("mode", mode, _BRIEF_MODES)
+        key = (mode, bool(success), bool(repaired), repair_type)
+        children = self._brief_children.get(key)
+        if children is None:  # first time for these labels: validate, then cache the children
+            mode_value = _choice("mode", mode, _BRIEF_MODES)
+            repair = None
+            if repaired or repair_type is not None:
+                repair_value = _choice(
+                    "repair_type", repair_type or RepairType.OTHER, _REPAIR_TYPES
+                )
+                repair = self._child("llm_brief_repairs_total", (mode_value, repair_value))
+            status = "success" if success else "failure"
+            children = (
+                self._child("llm_brief_total", (mode_value, status)),
+                self._latency_child(mode_value),
+                repair,
+            )
         latency = _finite("latency_seconds", latency_seconds, non_negative=True)
-        repair_value = None
-        if repaired or repair_type is not None:
-            repair_value = _choice("repair_type", repair_type or RepairType.OTHER, _REPAIR_TYPES)
-        status = "success" if success else "failure"
-        self._child("llm_brief_total", (mode_value, status)).inc()
-        self._latency_child(mode_value).observe(latency)
-        if repair_value is not None:
-            self._child("llm_brief_repairs_total", (mode_value, repair_value)).inc()
+        self._brief_children[key] = children
+        children[0].inc()
+        children[1].observe(latency)
+        if children[2] is not None:
+            children[2].inc()
 
-    @contextmanager
-    def track_llm_brief(self, mode: str | BriefMode) -> Iterator[BriefOutcome]:
+    def track_llm_brief(self, mode: str | BriefMode) -> BriefOutcome:
         """Time an LLM brief generation; an exception marks it failed and propagates.
 
         Example:
@@ -307,21 +375,7 @@ class OperationsMetricsCollector:
             ...     if needed_repair:
             ...         brief.mark_repaired("json_syntax")
         """
-        outcome = BriefOutcome(_choice("mode", mode, _BRIEF_MODES))
-        start = time.perf_counter()
-        try:
-            yield outcome
-        except BaseException:
-            outcome.failed = True
-            raise
-        finally:
-            self.record_llm_brief(
-                outcome.mode,
-                not outcome.failed,
-                time.perf_counter() - start,
-                outcome.repaired,
-                outcome.repair_type,
-            )
+        return BriefOutcome(self, _choice("mode", mode, _BRIEF_MODES))
 
     # ------------------------------------------------------------------ RL training
 
@@ -449,37 +503,34 @@ class OperationsMetricsCollector:
             ValueError: Unknown method, status code out of range, raw path, or a new endpoint
                 over the cap.
         """
-        name = self._endpoint(endpoint)
-        verb = _choice("method", method.upper(), HTTP_METHODS)
-        if isinstance(status_code, bool) or not 100 <= int(status_code) <= 599:
-            raise ValueError(f"status_code must be an HTTP status in 100-599, got {status_code!r}")
-        latency = _finite("latency_seconds", latency_seconds, non_negative=True)
-        self._child("api_request_total", (name, verb, str(int(status_code)))).inc()
-        self._child("api_request_latency_seconds", (name, verb)).observe(latency)
-
-    @contextmanager
-    def track_api_request(self, endpoint: str, method: str) -> Iterator[ApiRequestOutcome]:
-        """Time a request and count it in flight; an exception without a status counts as 500."""
-        outcome = ApiRequestOutcome(
-            self._endpoint(endpoint), _choice("method", method.upper(), HTTP_METHODS)
-        )
-        inflight = self._child("inflight_requests", (self.worker,))
-        inflight.inc()
-        start = time.perf_counter()
-        try:
-            yield outcome
-        except BaseException:
-            if outcome.status_code is None:
-                outcome.status_code = 500
-            raise
-        finally:
-            inflight.dec()
-            self.record_api_request(
-                outcome.endpoint,
-                outcome.method,
-                200 if outcome.status_code is None else outcome.status_code,
-                time.perf_counter() - start,
+        key = (endpoint, method, status_code)
+        children = self._api_children.get(key)
+        if children is None:  # first time for these labels: validate, then cache the children
+            name = self._endpoint(endpoint)
+            verb = _choice("method", method.upper(), HTTP_METHODS)
+            if isinstance(status_code, bool) or not 100 <= int(status_code) <= 599:
+                raise ValueError(
+                    f"status_code must be an HTTP status in 100-599, got {status_code!r}"
+                )
+            children = (
+                self._child("api_request_total", (name, verb, str(int(status_code)))),
+                self._child("api_request_latency_seconds", (name, verb)),
             )
+        latency = _finite("latency_seconds", latency_seconds, non_negative=True)
+        self._api_children[key] = children
+        children[0].inc()
+        children[1].observe(latency)
+
+    def track_api_request(self, endpoint: str, method: str) -> ApiRequestOutcome:
+        """Time a request and count it in flight; an exception without a status counts as 500.
+
+        Example:
+            >>> with collector.track_api_request("/dna/create", "POST") as req:  # doctest: +SKIP
+            ...     response = handle()
+            ...     req.set_status_code(response.status_code)
+        """
+        verb = _choice("method", method.upper(), HTTP_METHODS)
+        return ApiRequestOutcome(self, self._endpoint(endpoint), verb)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -506,8 +557,8 @@ class OperationsMetricsCollector:
         Raises:
             ValueError: Reason outside ``RollbackReason`` (the observer maps free text first).
         """
-        self._child(
-            "checkpoint_rollbacks_total", (_choice("reason", reason, _ROLLBACK_REASONS),)
+        self._vocabulary_child(
+            "checkpoint_rollbacks_total", "reason", reason, _ROLLBACK_REASONS
         ).inc()
 
     # ------------------------------------------------------------------ model reloads
@@ -518,16 +569,16 @@ class OperationsMetricsCollector:
         phase_seconds: Mapping[str | ReloadPhase, float] | None = None,
     ) -> None:
         """Record the outcome of one hot reload and, optionally, how long each phase took."""
-        result_value = _choice("result", result, _RELOAD_RESULTS)
-        for phase, seconds in (phase_seconds or {}).items():
-            self.record_reload_phase(phase, seconds)
-        self._child("model_reload_total", (result_value,)).inc()
+        child = self._vocabulary_child("model_reload_total", "result", result, _RELOAD_RESULTS)
+        if phase_seconds:
+            for phase, seconds in phase_seconds.items():
+                self.record_reload_phase(phase, seconds)
+        child.inc()
 
     def record_reload_phase(self, phase: str | ReloadPhase, seconds: float) -> None:
         """Record the duration of one reload phase."""
-        phase_value = _choice("phase", phase, _RELOAD_PHASES)
-        duration = _finite("seconds", seconds, non_negative=True)
-        self._child("model_reload_phase_seconds", (phase_value,)).observe(duration)
+        child = self._vocabulary_child("model_reload_phase_seconds", "phase", phase, _RELOAD_PHASES)
+        child.observe(_finite("seconds", seconds, non_negative=True))
 
     @contextmanager
     def track_reload_phase(self, phase: str | ReloadPhase) -> Iterator[None]:
