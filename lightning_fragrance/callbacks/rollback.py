@@ -33,6 +33,7 @@ from lightning_fragrance.checkpointing import (
     MissingMetricError,
     Observation,
     ObserverGroup,
+    RollbackBudgetExceeded,
     RollbackConditions,
     RollbackGuard,
     Snapshot,
@@ -110,7 +111,8 @@ class RollbackCheckpoint(Checkpoint):
             schedule aligned with ``global_step`` instead.
         restore_precision: Restore the precision plugin state (GradScaler scale). False keeps
             the current, lower scale after an overflow-driven divergence.
-        observers: Told about saves, rollbacks and errors (default: log them).
+        observers: Told about saves, rollbacks and errors, besides the logging observer that is
+            always attached.
         fs: Optional fsspec filesystem; ``dirpath`` is then a path on it.
     """
 
@@ -184,7 +186,9 @@ class RollbackCheckpoint(Checkpoint):
         self.keep_in_memory = keep_in_memory
         self.restore_scheduler = restore_scheduler
         self.restore_precision = restore_precision
-        self.observers = ObserverGroup([LoggingObserver()] if observers is None else observers)
+        # The logging observer is always there: a write error is never silent, whatever else
+        # (Prometheus) is attached.
+        self.observers = ObserverGroup([LoggingObserver(), *(observers or ())])
         self._fs = fs
         self.guard = RollbackGuard(self.conditions)
         self._store: CheckpointStore | None = None
@@ -497,7 +501,20 @@ class RollbackCheckpoint(Checkpoint):
                     self._next_save,
                 )
             return
-        self.guard.check_budget(step, trigger)  # raises RollbackBudgetExceeded: the fit stops
+        try:
+            self.guard.check_budget(step, trigger)
+        except RollbackBudgetExceeded as err:  # the fit stops; the history says why
+            self._store_event(
+                {
+                    "type": "budget_exceeded",
+                    "at_step": step,
+                    "reason": trigger.reason.value,
+                    "message": str(err),
+                    "time": time.time(),
+                }
+            )
+            self.flush()
+            raise
         candidates = self.guard.candidates(step)
         from_memory = self._snapshot is not None and self._snapshot.step == candidates[0].step
         if not from_memory:

@@ -73,7 +73,8 @@ class CheckpointManager:
         save_interval: Save at the first step at or past each multiple of this.
         max_checkpoints: Unpinned checkpoints kept on disk.
         rollback_conditions: Triggers and policies (defaults: the guide).
-        observers: Told about saves, rollbacks and errors (a `LoggingObserver` by default).
+        observers: Told about saves, rollbacks and errors, besides the `LoggingObserver` that is
+            always attached (errors are never silent).
         fs: Optional fsspec filesystem (``checkpoint_dir`` is then a path on it).
         async_save: Write in a background thread (the loop only pays for a CPU copy).
         keep_in_memory: Keep the last saved state in memory for instant rollbacks.
@@ -95,7 +96,7 @@ class CheckpointManager:
             raise ValueError(f"save_interval={save_interval} must be >= 1")
         self.save_interval = save_interval
         self.conditions = rollback_conditions or RollbackConditions()
-        self.observers = ObserverGroup([LoggingObserver()] if observers is None else observers)
+        self.observers = ObserverGroup([LoggingObserver(), *(observers or ())])
         self.store = CheckpointStore(str(checkpoint_dir), max_checkpoints, fs=fs)
         self.guard = RollbackGuard(self.conditions)
         self.guard.ledger = self.store.records()  # a re-opened directory keeps its targets

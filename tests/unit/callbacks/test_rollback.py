@@ -196,6 +196,8 @@ def test_rollback_budget_stops_the_fit_naming_the_last_good_checkpoint(tmp_path:
         fit([guard], max_steps=20, module=module)
     assert guard.rollback_count == 2
     assert [e["at_step"] for e in guard.rollback_events] == [6, 7]
+    history = json.loads((tmp_path / "checkpoint_history.json").read_text())
+    assert [e["type"] for e in history["events"]] == ["rollback", "rollback", "budget_exceeded"]
 
 
 def test_missing_metric_warns_once_naming_the_key_and_the_logged_keys(
@@ -295,3 +297,29 @@ def test_gradient_norm_is_measured_when_not_logged(tmp_path: Path) -> None:
     module = ToyPolicyModule(divergence=DivergenceSpec(at_step=7, loss_scale=1000.0))
     fit([guard], max_steps=10, module=module)
     assert [(e["at_step"], e["reason"]) for e in guard.rollback_events] == [(8, "grad_norm_spike")]
+
+
+class ScalerShock(pl.Callback):
+    """Changes the GradScaler's scale after the save, as an overflow would."""
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == 6:
+            trainer.precision_plugin.scaler.update(new_scale=8.0)  # type: ignore[attr-defined]
+
+
+def test_rollback_restores_the_grad_scaler_of_mixed_precision(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    # On CPU "16-mixed" silently becomes bf16 without a scaler (research note §6.9), so the
+    # plugin is built explicitly with a CPU GradScaler.
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    guard = RollbackCheckpoint(dirpath=tmp_path, save_every_n_steps=5)
+    module = ToyPolicyModule(divergence=DivergenceSpec(at_step=7, kl=0.5, loss_scale=1.0))
+    fit([ScalerShock(), guard], max_steps=8, module=module, plugins=[plugin])
+    assert [(e["at_step"], e["to_step"]) for e in guard.rollback_events] == [(8, 5)]
+    saved = load(tmp_path / "checkpoint_step_5.ckpt")["MixedPrecision"]
+    assert saved["scale"] == 1024.0
+    assert scaler.get_scale() == 1024.0  # back from 8.0
