@@ -25,6 +25,7 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -247,15 +248,18 @@ class Lease(Generic[M]):
     worker: str
 
 
-def release_memory() -> None:
-    """Return freed model memory to the OS: ``gc.collect()`` then glibc ``malloc_trim(0)``.
+def release_memory(*, collect: bool = True) -> None:
+    """Return freed model memory to the OS: an optional GC pass, then glibc ``malloc_trim(0)``.
 
     Without the trim, glibc keeps freed arenas mapped and RSS only grows across reloads
-    (research note §3.1: the Triton leak reports; their docs suggest swapping the allocator).
+    (research note §3.1: the Triton leak reports). The GC pass is optional because a full
+    ``gc.collect()`` costs 0.4-0.6 s with torch and transformers imported (measured here) and
+    holds the GIL, stalling every request; callers run it only when a cycle kept a model alive.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+        _LIBC.malloc_trim(0)  # ctypes releases the GIL for the call
 
 
 def _load_libc() -> Any:
@@ -647,6 +651,7 @@ class HotReloadManager(Generic[M]):
                 return True
             if standby is not None:
                 self._stop(standby)
+            new: Worker[M] | None = None
             try:
                 new = self._prepare_worker(record, record.requested_version)
             except Exception as exc:
@@ -657,6 +662,9 @@ class HotReloadManager(Generic[M]):
                     exc,
                 )
                 self._finish(record, _result_for(exc, record.phase), error=_describe(exc))
+            if new is None:
+                # Outside the except block: the traceback no longer pins the failed model.
+                release_memory(collect=False)
                 return False
             self._switch_and_drain(record, new)
             self._finish(record, success, error=None)
@@ -684,7 +692,6 @@ class HotReloadManager(Generic[M]):
         except BaseException:
             worker.status = WorkerStatus.FAILED
             worker.model = None
-            release_memory()
             raise
         worker.loaded_at = time.time()
         return worker
@@ -770,8 +777,15 @@ class HotReloadManager(Generic[M]):
 
     def _stop(self, worker: Worker[M]) -> None:
         worker.status = WorkerStatus.STOPPED
+        survivor = _weak(worker.model)
         worker.model = None
-        release_memory()
+        with self._lock:
+            # A request still running (drain timeout) holds the model; it is freed when that
+            # request ends, and a GC pass now could not free it anyway.
+            busy = worker.inflight > 0
+        # Dropping the last reference frees an nn.Module's tensors at once (no cycles); the
+        # costly GC pass runs only if something still holds the model through a cycle.
+        release_memory(collect=not busy and (survivor is None or survivor() is not None))
         log.info("[%s] stopped", worker.name)
 
     def _finish(
@@ -785,6 +799,14 @@ class HotReloadManager(Generic[M]):
         if result is not None:
             self.observer.on_reload(result)
         record.done.set()
+
+
+def _weak(obj: Any) -> weakref.ref[Any] | None:
+    """A weak reference to ``obj`` (``None`` for objects that cannot have one)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
 
 
 def _result_for(exc: BaseException, phase: ReloadPhase) -> ReloadResult:
