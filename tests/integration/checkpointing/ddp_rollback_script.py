@@ -7,7 +7,7 @@ ranks, so this must be a plain script, never pytest itself.
 Usage: `python ddp_rollback_script.py CHECKPOINT_DIR OUT_DIR`
 
 Each rank writes `OUT_DIR/rank{r}.json` (rollback events and steps) plus
-`OUT_DIR/rank{r}_after_rollback.pt` (its weights right after the rollback, taken at the start of
+`OUT_DIR/rank{r}_after_rollback{i}.pt` (its weights right after rollback i, taken at the start of
 the next batch) and `OUT_DIR/rank{r}_final.pt` (its weights when the fit ended). The test compares
 them with each other and with the checkpoint file the ranks rolled back to.
 """
@@ -27,15 +27,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_fragrance.callbacks import RollbackCheckpoint
 
 SAVE_EVERY = 3
-# The spike is injected in the training step that runs while global_step == SPIKE_STEP, so the
-# callback sees it at global_step SPIKE_STEP + 1, one step after the save at SPIKE_STEP.
-SPIKE_STEP = 6
-SPIKE_RANK = 1
-MAX_STEPS = 10
+# {global_step of the training step that sees a KL spike: the only rank that sees it}. The
+# callback judges it one step later. The first spike (seen at step 7) rolls back to the save of
+# step 6, from each rank's in-memory snapshot; the second comes within `ESCALATE_WITHIN` steps
+# of that rollback, so it escalates to the older save of step 3, which no rank holds in memory:
+# rank 0 flushes its writer, all ranks meet at a barrier and load the file rank 0 wrote.
+SPIKES = {6: 1, 8: 0}
+ESCALATE_WITHIN = 5
+MAX_STEPS = 12
 
 
 class OneRankSpikeModule(pl.LightningModule):
-    """A tiny regression MLP whose KL reading spikes once, on one rank only.
+    """A tiny regression MLP whose KL reading spikes at the steps of `SPIKES`, each time on
+    one rank only.
 
     Loss and reward stay tame, and the loss/reward triggers are switched off in `main`, so the
     only thing that can cause a rollback is the one rank-local KL value: the test then shows that
@@ -45,18 +49,15 @@ class OneRankSpikeModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-        self.spiked = False
+        self.spiked_at: list[int] = []
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x), y)
-        spike = (
-            not self.spiked
-            and self.global_rank == SPIKE_RANK
-            and self.trainer.global_step == SPIKE_STEP
-        )
+        step = self.trainer.global_step
+        spike = SPIKES.get(step) == self.global_rank and step not in self.spiked_at
         if spike:
-            self.spiked = True
+            self.spiked_at.append(step)
         kl = torch.tensor(1.0 if spike else 0.001)
         reward = torch.tensor(1.0)
         # sync_dist=False on purpose: each rank logs what it saw, as a rank-local trigger would.
@@ -73,7 +74,7 @@ class OneRankSpikeModule(pl.LightningModule):
 
 
 class RollbackProbe(pl.Callback):
-    """Records each rank's weights at the first batch start after a rollback.
+    """Records each rank's weights at the first batch start after each rollback.
 
     Checkpoint callbacks run last in every hook, so the rollback (in `on_train_batch_end`) has
     happened by the time the next `on_train_batch_start` runs.
@@ -82,16 +83,15 @@ class RollbackProbe(pl.Callback):
     def __init__(self, guard: RollbackCheckpoint) -> None:
         self.guard = guard
         self.seen_rollbacks = 0
-        self.after_rollback: dict[str, torch.Tensor] | None = None
-        self.after_rollback_step: int | None = None
+        self.after_rollback: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         count = self.guard.rollback_count
-        if count > self.seen_rollbacks and self.after_rollback is None:
-            self.after_rollback = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-            self.after_rollback_step = trainer.global_step
+        if count > self.seen_rollbacks:
+            state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            self.after_rollback.append(state)
         self.seen_rollbacks = count
 
 
@@ -109,6 +109,7 @@ def main(checkpoint_dir: str, out_dir: str) -> None:
         kl_threshold=0.03,
         loss_increase_multiplier=1e9,
         reward_drop_threshold=1e9,
+        escalate_within_steps=ESCALATE_WITHIN,
     )
     probe = RollbackProbe(guard)
     trainer = pl.Trainer(
@@ -129,8 +130,8 @@ def main(checkpoint_dir: str, out_dir: str) -> None:
     out = Path(out_dir)
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(final, out / f"rank{rank}_final.pt")
-    if probe.after_rollback is not None:
-        torch.save(probe.after_rollback, out / f"rank{rank}_after_rollback.pt")
+    for index, state in enumerate(probe.after_rollback):
+        torch.save(state, out / f"rank{rank}_after_rollback{index}.pt")
     report = {
         "rank": rank,
         "world_size": trainer.world_size,
@@ -140,8 +141,7 @@ def main(checkpoint_dir: str, out_dir: str) -> None:
             {k: v for k, v in event.items() if isinstance(v, (str, int, float, bool))}
             for event in guard.rollback_events
         ],
-        "after_rollback_step": probe.after_rollback_step,
-        "saw_spike": model.spiked,
+        "spiked_at": model.spiked_at,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report, indent=2))
 

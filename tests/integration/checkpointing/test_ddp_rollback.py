@@ -82,56 +82,57 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         assert torch.equal(a[key], b[key]), f"{what}: tensor {key!r} differs"
 
 
-def test_one_rank_trigger_rolls_back_both_ranks_to_the_same_step(
+def test_one_rank_triggers_roll_back_both_ranks_to_the_same_steps(
     ddp_run: tuple[Path, Path, str],
 ) -> None:
     _, out_dir, stdout = ddp_run
     rank0, rank1 = _report(out_dir, 0), _report(out_dir, 1)
     assert rank0["world_size"] == rank1["world_size"] == 2
-    # Only rank 1 saw the spike...
-    assert rank1["saw_spike"] and not rank0["saw_spike"]
-    # ...and both ranks rolled back, once, to the same step.
-    assert rank0["rollback_count"] == rank1["rollback_count"] == 1, stdout[-4000:]
-    events0, events1 = rank0["rollback_events"], rank1["rollback_events"]
-    assert len(events0) == len(events1) == 1
-    assert events0[0]["to_step"] == events1[0]["to_step"]
-    assert events0[0]["at_step"] == events1[0]["at_step"]
-    assert events0[0]["to_step"] < events0[0]["at_step"]
-    # The global step kept counting on both ranks: the run still did its max_steps.
-    assert rank0["global_step"] == rank1["global_step"]
+    # Each spike was seen by one rank only...
+    assert rank0["spiked_at"] == [8]
+    assert rank1["spiked_at"] == [6]
+    # ...and both ranks rolled back each time, to the same step: first to the newest save (from
+    # memory), then, escalating, to the older one (from the file rank 0 wrote).
+    assert rank0["rollback_count"] == rank1["rollback_count"] == 2, stdout[-4000:]
+    moves0 = [(e["at_step"], e["to_step"]) for e in rank0["rollback_events"]]
+    moves1 = [(e["at_step"], e["to_step"]) for e in rank1["rollback_events"]]
+    assert moves0 == moves1 == [(7, 6), (9, 3)]
+    assert [e["from_memory"] for e in rank0["rollback_events"]] == [True, False]
+    assert [e["from_memory"] for e in rank1["rollback_events"]] == [True, False]
+    # The global step kept counting through both rollbacks.
+    assert rank0["global_step"] == rank1["global_step"] == 12
 
 
-def test_after_a_one_rank_trigger_both_ranks_hold_the_checkpoint_weights(
+def test_after_each_rollback_both_ranks_hold_exactly_the_checkpoint_weights(
     ddp_run: tuple[Path, Path, str],
 ) -> None:
     checkpoint_dir, out_dir, _ = ddp_run
-    to_step = _report(out_dir, 0)["rollback_events"][0]["to_step"]
-    after0 = torch.load(out_dir / "rank0_after_rollback.pt", weights_only=True)
-    after1 = torch.load(out_dir / "rank1_after_rollback.pt", weights_only=True)
-    _assert_same_tensors(after0, after1, "rank 0 vs rank 1 right after the rollback")
+    events = _report(out_dir, 0)["rollback_events"]
+    for index, event in enumerate(events):
+        after0 = torch.load(out_dir / f"rank0_after_rollback{index}.pt", weights_only=True)
+        after1 = torch.load(out_dir / f"rank1_after_rollback{index}.pt", weights_only=True)
+        what = f"rollback {index} to step {event['to_step']}"
+        _assert_same_tensors(after0, after1, f"{what}: rank 0 vs rank 1")
+        checkpoint_file = checkpoint_dir / f"checkpoint_step_{event['to_step']}.ckpt"
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+        _assert_same_tensors(after0, checkpoint["state_dict"], f"{what}: rank 0 vs its file")
 
-    checkpoint_file = checkpoint_dir / f"checkpoint_step_{to_step}.ckpt"
-    assert checkpoint_file.exists(), sorted(p.name for p in checkpoint_dir.iterdir())
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
-    _assert_same_tensors(after0, checkpoint["state_dict"], "rank 0 vs the checkpoint file")
-
-    # Training went on after the rollback and the replicas stayed in sync (DDP does not
+    # Training went on after the rollbacks and the replicas stayed in sync (DDP does not
     # re-broadcast parameters, so a rank-local restore would show up here as a difference).
     final0 = torch.load(out_dir / "rank0_final.pt", weights_only=True)
     final1 = torch.load(out_dir / "rank1_final.pt", weights_only=True)
     _assert_same_tensors(final0, final1, "rank 0 vs rank 1 at the end of the fit")
 
 
-def test_only_rank_zero_wrote_checkpoints_and_history_names_the_rollback(
+def test_ddp_history_lists_exactly_the_files_rank_zero_wrote_and_both_rollbacks(
     ddp_run: tuple[Path, Path, str],
 ) -> None:
-    checkpoint_dir, out_dir, _ = ddp_run
+    checkpoint_dir, _, _ = ddp_run
     history = json.loads((checkpoint_dir / "checkpoint_history.json").read_text())
-    files = sorted(p.name for p in checkpoint_dir.glob("*.ckpt"))
-    assert [entry["file"].rsplit("/", 1)[-1] for entry in history["entries"]] == sorted(
-        files, key=lambda name: int(name.removeprefix("checkpoint_step_").removesuffix(".ckpt"))
-    )
+    listed = sorted(entry["file"].rsplit("/", 1)[-1] for entry in history["entries"])
+    assert listed == sorted(p.name for p in checkpoint_dir.glob("*.ckpt"))
     assert not list(checkpoint_dir.glob("*.tmp"))
-    to_step = _report(out_dir, 0)["rollback_events"][0]["to_step"]
-    rollbacks = [e for e in history["events"] if e.get("to_step") == to_step]
-    assert rollbacks, history["events"]
+    rollbacks = [
+        (e["at_step"], e["to_step"]) for e in history["events"] if e.get("type") == "rollback"
+    ]
+    assert rollbacks == [(7, 6), (9, 3)]
