@@ -219,3 +219,31 @@ def test_listing_checkpoints_waits_for_the_pending_write(fs: FaultyMemoryFileSys
             fs.write_gate.set()
         manager.close()
     assert [r.step for r in result["value"]] == [5]
+
+
+def test_a_third_save_waits_while_one_is_written_and_one_is_queued_then_all_commit_in_order(
+    fs: FaultyMemoryFileSystem,
+) -> None:
+    store = CheckpointStore(ROOT, max_checkpoints=5, fs=fs)
+    writer = AsyncCheckpointWriter(store)
+    try:
+        fs.write_gate = threading.Event()
+        writer.submit(1, _payload(1), {"loss": 1.0})  # taken by the writer, held at the gate
+        assert fs.write_waiting.wait(WAIT_S)
+        writer.submit(2, _payload(2), {"loss": 1.0})  # queued: the one staged copy allowed
+        third, result = _run_in_thread(lambda: writer.submit(3, _payload(3), {"loss": 1.0}))
+        third.join(BLOCKED_PROBE_S)
+        # Back-pressure: host memory holds at most two staged copies, so the trainer waits.
+        assert third.is_alive(), "a third staged checkpoint was accepted while two were pending"
+        fs.write_gate.set()
+        third.join(WAIT_S)
+        assert not third.is_alive() and "error" not in result, result
+        writer.flush()
+    finally:
+        if fs.write_gate is not None:
+            fs.write_gate.set()
+        writer.close()
+    assert writer.take_errors() == []
+    assert [r.step for r in store.records()] == [1, 2, 3]
+    renames = [op[1] for op in fs.ops if op[0] == "mv"]
+    assert [p for p in renames if p.endswith(".ckpt")] == [_ckpt(1), _ckpt(2), _ckpt(3)]
