@@ -180,7 +180,10 @@ def write_training_report(inputs: ReportInputs, path: str | Path) -> Path:
                     lw=1,
                     label=f"kl_threshold {th.kl_threshold:g}",
                 )
-                ax.set_yscale("symlog", linthresh=max(th.kl_threshold / 10, 1e-4))
+                positive = values[np.isfinite(values) & (values > 0)]
+                if positive.size:  # k3 is never negative: a log axis shows healthy and spike
+                    ax.set_yscale("log")
+                    ax.set_ylim(bottom=min(positive.min(), th.kl_threshold) / 2)
         if key == "train/reward":
             if inputs.reward_target is not None:
                 ax.axhline(
