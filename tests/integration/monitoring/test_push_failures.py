@@ -97,7 +97,7 @@ def test_training_keeps_stepping_while_a_push_hangs_and_errors_are_counted(
     hung_until = hung_from + logger.push_timeout
     # The training thread kept stepping while that push hung for its whole timeout.
     assert [t for t in clock.ends if hung_from < t < hung_until]
-    assert len([t for t in clock.ends if t > hung_from]) >= 50
+    assert len([t for t in clock.ends if t > hung_from]) >= 20
     assert logger.push_errors >= 1  # every hung push timed out and was counted
     assert logger.pushes_done == 0
 
