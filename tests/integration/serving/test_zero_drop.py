@@ -8,6 +8,7 @@ response must be 2xx and every client must see versions only move forward.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
