@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -495,7 +496,12 @@ def _add_routes(app: FastAPI) -> None:
             reason = "shutting down" if state.shutting_down else "no model loaded"
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         return JSONResponse(
-            {"ready": True, "version": version, "reloading": state.manager.reloading}
+            {
+                "ready": True,
+                "version": version,
+                "reloading": state.manager.reloading,
+                "pid": os.getpid(),  # tells uvicorn workers behind one port apart
+            }
         )
 
     @app.get("/metrics")
@@ -620,8 +626,6 @@ async def _create_dna(state: ServingState, body: DnaRequest) -> JSONResponse:
 
 def app_from_environment() -> FastAPI:
     """uvicorn factory for ``--workers N``: settings come from ``LF_SERVE_SETTINGS`` (JSON)."""
-    import os
-
     from lightning_fragrance.serving.settings import SETTINGS_ENV
 
     raw = os.environ.get(SETTINGS_ENV, "{}")
