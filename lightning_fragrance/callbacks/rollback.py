@@ -190,7 +190,7 @@ class RollbackCheckpoint(Checkpoint):
         # (Prometheus) is attached.
         self.observers = ObserverGroup([LoggingObserver(), *(observers or ())])
         self._fs = fs
-        self.guard = RollbackGuard(self.conditions)
+        self.guard = RollbackGuard(self.conditions, max_checkpoints)
         self._store: CheckpointStore | None = None
         self._writer: AsyncCheckpointWriter | None = None
         self._snapshot: Snapshot | None = None

@@ -59,10 +59,16 @@ class RollbackGuard:
 
     Args:
         conditions: Thresholds and policies.
+        max_checkpoints: Retention of the store the ledger mirrors: entries the store's rule
+            may delete are dropped from the ledger at the same time, so a decision never names
+            a deleted file. None keeps every entry.
     """
 
-    def __init__(self, conditions: RollbackConditions | None = None) -> None:
+    def __init__(
+        self, conditions: RollbackConditions | None = None, max_checkpoints: int | None = None
+    ) -> None:
         self.conditions = conditions or RollbackConditions()
+        self.max_checkpoints = max_checkpoints
         self.monitor = TriggerMonitor(self.conditions)
         self.ledger: list[CheckpointRecord] = []
         self.events: list[dict[str, Any]] = []
@@ -87,7 +93,22 @@ class RollbackGuard:
         )
         self.ledger = [e for e in self.ledger if e.step != step] + [record]
         self.ledger.sort(key=lambda r: r.step)
+        self._apply_retention()
         return record
+
+    def _apply_retention(self) -> None:
+        """Drop what `CheckpointStore` retention may delete (the newest ``max_checkpoints``
+        unpinned entries and the newest certified one stay). The store keeps at least these,
+        so every ledger entry names a file that exists unless it was damaged; the rule is a
+        function of the ledger alone, hence identical on every DDP rank."""
+        if self.max_checkpoints is None:
+            return
+        unpinned = [e for e in self.ledger if not e.pinned]
+        keep = {e.step for e in unpinned[-self.max_checkpoints :]}
+        certified = [e for e in self.ledger if e.status == CheckpointStatus.CERTIFIED.value]
+        if certified:
+            keep.add(certified[-1].step)
+        self.ledger = [e for e in self.ledger if e.pinned or e.step in keep]
 
     def set_status(self, step: int, status: CheckpointStatus) -> None:
         """Change the status of a ledger entry (e.g. corrupt after a failed load)."""
@@ -131,20 +152,19 @@ class RollbackGuard:
         """Rollback targets in the order to try them (first = preferred).
 
         Certified checkpoints newest first, then uncertified ones newest first (better than
-        nothing). Within ``escalate_within_steps`` of the last rollback, the checkpoint restored
-        then is skipped: it led back into the divergence, so go further back.
+        nothing). Within ``escalate_within_steps`` of the last rollback, checkpoints older than
+        the one restored then come first: it led back into the divergence, so go further back.
+        The others stay in the list as fallbacks, in case every older file is damaged.
         """
         usable = [e for e in self.ledger if e.is_rollback_target and e.step <= step]
-        window = self.conditions.escalate_within_steps
-        if window > 0 and self.last_rollback is not None:
-            at_step, to_step = self.last_rollback
-            if step - at_step <= window:
-                older = [e for e in usable if e.step < to_step]
-                if older:
-                    usable = older
         certified = [e for e in usable if e.status == CheckpointStatus.CERTIFIED.value]
         pending = [e for e in usable if e.status != CheckpointStatus.CERTIFIED.value]
-        return certified[::-1] + pending[::-1]
+        ordered = certified[::-1] + pending[::-1]
+        if self.escalating(step) and self.last_rollback is not None:
+            to_step = self.last_rollback[1]
+            older = [e for e in ordered if e.step < to_step]
+            ordered = older + [e for e in ordered if e.step >= to_step]
+        return ordered
 
     def target(self, step: int) -> CheckpointRecord | None:
         """The checkpoint a rollback at ``step`` would restore first, if any."""

@@ -98,7 +98,7 @@ class CheckpointManager:
         self.conditions = rollback_conditions or RollbackConditions()
         self.observers = ObserverGroup([LoggingObserver(), *(observers or ())])
         self.store = CheckpointStore(str(checkpoint_dir), max_checkpoints, fs=fs)
-        self.guard = RollbackGuard(self.conditions)
+        self.guard = RollbackGuard(self.conditions, max_checkpoints)
         self.guard.ledger = self.store.records()  # a re-opened directory keeps its targets
         self.writer = AsyncCheckpointWriter(self.store, [self.observers]) if async_save else None
         self.keep_in_memory = keep_in_memory

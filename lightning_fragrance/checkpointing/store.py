@@ -4,11 +4,11 @@ Layout (DESIGN.md §4)::
 
     checkpoint_step_500.ckpt  checkpoint_step_1000.ckpt  ...  checkpoint_history.json
 
-Commit protocol: write ``<file>.tmp`` while hashing (sha256 of the bytes as they are written, no
-second pass), fsync, rename, then rewrite the history (tmp + fsync + rename), then apply
-retention. The history is the truth: a file it does not list is not a checkpoint. Works on local
-paths (with fsync of the file and its directory) and on any fsspec URL (``memory://``,
-``s3://``...), where the object store's close/rename provides the atomicity.
+Commit protocol: write ``<file>.tmp`` while hashing (`HashingWriter`: sha256 of the bytes as
+they are written, no second pass), fsync, rename, then rewrite the history (tmp + fsync +
+rename), then apply retention. The history is the truth: a file it does not list is not a
+checkpoint. Works on local paths (with fsync of the file and its directory) and on any fsspec
+URL (``memory://``, ``s3://``...), where the object store's close/rename provides the atomicity.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from lightning_fragrance.checkpointing.errors import CheckpointCorruptError, CheckpointError
+from lightning_fragrance.checkpointing.hashing_writer import HashingWriter
 from lightning_fragrance.checkpointing.records import (
     HISTORY_SCHEMA_VERSION,
     CheckpointRecord,
@@ -40,29 +41,6 @@ log = logging.getLogger("lightning_fragrance.checkpointing")
 
 HISTORY_FILE = "checkpoint_history.json"
 TMP_SUFFIX = ".tmp"
-
-
-class _HashingWriter:
-    """File-like object that hashes and counts bytes on their way to the real file.
-
-    `torch.save` only needs ``write``; hashing here is what keeps the durable write a single
-    pass over the data (issue #2, benchmark 2).
-    """
-
-    def __init__(self, target: IO[bytes]) -> None:
-        self._target = target
-        self.sha256 = hashlib.sha256()
-        self.nbytes = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        view = memoryview(data)
-        self.sha256.update(view)
-        self._target.write(view)
-        self.nbytes += view.nbytes
-        return view.nbytes
-
-    def flush(self) -> None:
-        self._target.flush()
 
 
 class CheckpointStore:
@@ -266,14 +244,17 @@ class CheckpointStore:
         tmp, final = self.path(file + TMP_SUFFIX), self.path(file)
         try:
             with self._open_durable(tmp) as handle:
-                writer = _HashingWriter(handle)
-                torch.save(payload, writer)  # type: ignore[arg-type]
+                writer = HashingWriter(handle, handle.fileno() if self._local else None)
+                try:
+                    torch.save(payload, writer)  # type: ignore[arg-type]
+                finally:
+                    writer.close()
             self._rename(tmp, final)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.fs.rm(tmp)
             raise
-        return writer.sha256.hexdigest(), writer.nbytes
+        return writer.hexdigest(), writer.nbytes
 
     def _atomic_write_bytes(self, file: str, data: bytes) -> None:
         tmp, final = self.path(file + TMP_SUFFIX), self.path(file)

@@ -125,3 +125,29 @@ def test_state_dict_round_trip_keeps_ledger_counters_and_budget() -> None:
     assert observation.trigger is not None
     with pytest.raises(RollbackBudgetExceeded):
         copy.check_budget(220, observation.trigger)
+
+
+def test_ledger_mirrors_store_retention_so_targets_exist() -> None:
+    guard = RollbackGuard(RollbackConditions(escalate_within_steps=50), max_checkpoints=2)
+    for step in (100, 200, 300):
+        guard.observe(step, HEALTHY)
+        guard.record_save(step, HEALTHY)
+    assert [e.step for e in guard.ledger] == [200, 300]
+    assert rollback(guard, 310) == 300
+    assert rollback(guard, 320) == 200  # escalation stays within what exists
+    assert rollback(guard, 330) == 200
+
+
+def test_escalation_keeps_the_last_target_as_a_fallback() -> None:
+    guard = guard_with_saves([100, 200], escalate_within_steps=50)
+    assert rollback(guard, 210) == 200
+    assert [e.step for e in guard.candidates(220)] == [100, 200]
+
+
+def test_pinned_and_newest_certified_entries_survive_ledger_retention() -> None:
+    guard = RollbackGuard(RollbackConditions(certify_after_steps=1000), max_checkpoints=1)
+    guard.record_save(100, HEALTHY)
+    guard.observe(1100, HEALTHY)  # certifies 100
+    guard.record_save(1200, HEALTHY)
+    guard.record_save(1300, HEALTHY)
+    assert [e.step for e in guard.ledger] == [100, 1300]
