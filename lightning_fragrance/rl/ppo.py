@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 from torch import Tensor
+from torch.distributions import Categorical, Distribution, Independent
 from torch.utils.data import Dataset
 
 from lightning_fragrance.rl.networks import (
@@ -299,10 +300,11 @@ class PPO(pl.LightningModule):
         """
         flat = observations.reshape(-1, self.spec.observation_dim)
         mean, var, count = flat.mean(0), flat.var(0, unbiased=False), flat.shape[0]
-        if self.trainer is not None and self.trainer.world_size > 1:
-            mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
-            var = self.trainer.strategy.reduce(var, reduce_op="mean")
-            count *= self.trainer.world_size
+        trainer = self._trainer  # None when rolling out outside a fit (tests, evaluation)
+        if trainer is not None and trainer.world_size > 1:
+            mean = trainer.strategy.reduce(mean, reduce_op="mean")
+            var = trainer.strategy.reduce(var, reduce_op="mean")
+            count *= trainer.world_size
         for net in (self.policy_net, self.value_net):
             net.obs_normalizer.update_from_moments(mean, var, count)
 
@@ -332,13 +334,13 @@ class PPO(pl.LightningModule):
             obs = self._next_obs.to(device)
             obs_buf[t] = obs
             dist = self.policy_net.distribution(obs)
-            action = dist.sample()
-            if not torch.isfinite(action.float()).all():
+            if not _is_finite(dist):
                 raise NonFiniteActionError(
-                    f"the policy produced non-finite actions at step {self.global_step}: its "
+                    f"the policy has non-finite outputs at step {self.global_step}: its "
                     "parameters diverged. Add the rollback guard (RollbackCheckpoint) to recover "
                     "automatically, or resume from the last good checkpoint."
                 )
+            action = dist.sample()
             act_buf[t] = action
             logp_buf[t] = dist.log_prob(action)
             val_buf[t] = self.value_net(obs)
@@ -540,6 +542,15 @@ def policy_from_state(hparams: dict[str, Any], state_dict: dict[str, Tensor]) ->
     policy.load_state_dict(own)
     policy.eval()
     return policy
+
+
+def _is_finite(dist: Distribution) -> bool:
+    """Whether a policy distribution has finite parameters (sampling NaN ones crashes torch)."""
+    if isinstance(dist, Categorical):
+        return bool(torch.isfinite(dist.logits).all())
+    assert isinstance(dist, Independent)
+    base = dist.base_dist
+    return bool(torch.isfinite(base.loc).all() and torch.isfinite(base.scale).all())
 
 
 def _plain(value: Any) -> Any:
