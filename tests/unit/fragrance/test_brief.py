@@ -71,12 +71,12 @@ def test_text_without_cues_gets_the_balanced_default_profile() -> None:
 
 
 def test_empty_text_is_rejected_with_an_example() -> None:
-    with pytest.raises(BriefError, match="empty.*fresh citrus"):
+    with pytest.raises(BriefError, match=r"empty.*fresh citrus"):
         parse_brief("   ")
 
 
 def test_brief_with_an_unknown_note_names_close_catalogue_entries() -> None:
-    with pytest.raises(ValidationError, match="did you mean.*Rose oil"):
+    with pytest.raises(ValidationError, match=r"did you mean.*Rose oil"):
         Brief(profile={Family.FLORAL: 1.0}, include_notes=["Rose"])
 
 

@@ -55,7 +55,7 @@ def test_catalogue_row_with_a_malformed_cas_number_is_rejected_with_its_line(
 def test_catalogue_with_a_missing_column_is_rejected_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(HEADER.replace("gourmand,", "") + "x\n")
-    with pytest.raises(CatalogError, match="missing columns.*gourmand"):
+    with pytest.raises(CatalogError, match=r"missing columns.*gourmand"):
         load_catalog_file(path)
 
 
@@ -67,5 +67,5 @@ def test_catalogue_weight_outside_unit_interval_is_rejected(tmp_path: Path) -> N
 
 
 def test_unknown_ingredient_name_suggests_close_matches() -> None:
-    with pytest.raises(KeyError, match="did you mean.*Rose oil"):
+    with pytest.raises(KeyError, match=r"did you mean.*Rose oil"):
         default_catalog().index_of("Rose")
