@@ -116,8 +116,11 @@ class FaultInjection(Callback):
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = group["lr"] * self.lr_factor
-            self._record(step, f"learning rate x{self.lr_factor:g} ({before[0]:.3g} -> "
-                         f"{before[0] * self.lr_factor:.3g})")  # fmt: skip
+            self._record(
+                step,
+                f"learning rate x{self.lr_factor:g} ({before[0]:.3g} -> "
+                f"{before[0] * self.lr_factor:.3g})",
+            )
         elif self.kind is FaultKind.REWARD_FLIP:
             active = self.at_step <= step < self.at_step + self.duration
             if active and not self._flipping:

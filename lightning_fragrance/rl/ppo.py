@@ -134,15 +134,28 @@ def policy_spec_for_env(
     obs_dim = int(np.prod(obs_space.shape))
     if isinstance(act_space, gym.spaces.Discrete):
         return PolicySpec(
-            obs_dim, "discrete", int(act_space.n), [], [], hidden_sizes, activation,
-            init_log_std, normalize_observations,
-        )  # fmt: skip
+            obs_dim,
+            "discrete",
+            int(act_space.n),
+            [],
+            [],
+            hidden_sizes,
+            activation,
+            init_log_std,
+            normalize_observations,
+        )
     if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
         return PolicySpec(
-            obs_dim, "box", int(act_space.shape[0]),
-            [float(v) for v in act_space.low], [float(v) for v in act_space.high],
-            hidden_sizes, activation, init_log_std, normalize_observations,
-        )  # fmt: skip
+            obs_dim,
+            "box",
+            int(act_space.shape[0]),
+            [float(v) for v in act_space.low],
+            [float(v) for v in act_space.high],
+            hidden_sizes,
+            activation,
+            init_log_std,
+            normalize_observations,
+        )
     raise ValueError(
         f"{env_id} has action space {act_space}; PPO supports Discrete and 1-D Box actions"
     )
@@ -468,9 +481,11 @@ class PPO(pl.LightningModule):
         self._log_update(rollout, finished, totals, grad_norms)
 
     def _optimizer_step(
-        self, optimizer: pl.core.optimizer.LightningOptimizer, count_as_update: bool,
+        self,
+        optimizer: pl.core.optimizer.LightningOptimizer,
+        count_as_update: bool,
         zero_step: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Step the optimiser; only the last minibatch step of an update advances global_step.
 
         All steps go through the strategy (so precision plugins and hooks apply); the

@@ -15,8 +15,15 @@ from lightning_fragrance.rl import PPO
 
 def _ppo(env_id: str = "CartPole-v1") -> PPO:
     torch.manual_seed(0)
-    return PPO(env_id=env_id, num_envs=2, rollout_steps=16, minibatch_size=16,
-               update_epochs=1, hidden_sizes=[8], learning_rate=1e-3)  # fmt: skip
+    return PPO(
+        env_id=env_id,
+        num_envs=2,
+        rollout_steps=16,
+        minibatch_size=16,
+        update_epochs=1,
+        hidden_sizes=[8],
+        learning_rate=1e-3,
+    )
 
 
 class _Watch(pl.Callback):
@@ -37,9 +44,14 @@ class _Watch(pl.Callback):
 
 def _fit(fault: FaultInjection, steps: int, env_id: str = "CartPole-v1") -> _Watch:
     watch = _Watch()
-    pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False,
-               callbacks=[fault, watch]).fit(_ppo(env_id))  # fmt: skip
+    pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[fault, watch],
+    ).fit(_ppo(env_id))
     return watch
 
 
@@ -64,8 +76,14 @@ def test_nan_grad_makes_that_steps_gradient_norm_non_finite() -> None:
     fault = FaultInjection(kind="nan_grad", at_step=1)
     recorder = _Watch()
     module = _ppo()
-    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[fault, recorder]).fit(module)  # fmt: skip
+    pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[fault, recorder],
+    ).fit(module)
     assert math.isfinite(recorder.rows[0]["train/grad_norm"])
     assert math.isnan(recorder.rows[1]["train/grad_norm"])
     assert not all(torch.isfinite(p).all() for p in module.policy_net.parameters())

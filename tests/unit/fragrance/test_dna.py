@@ -76,8 +76,15 @@ def test_decoder_accepts_torch_tensors_and_lists_alike() -> None:
 def test_formulate_decodes_the_greedy_action_of_a_policy() -> None:
     catalog = default_catalog()
     obs_dim = encode_brief(BRIEF, catalog).shape[0]
-    spec = PolicySpec(obs_dim, "box", len(catalog) + 1, [-1.0] * (len(catalog) + 1),
-                      [1.0] * (len(catalog) + 1), [16], normalize_observations=False)  # fmt: skip
+    spec = PolicySpec(
+        obs_dim,
+        "box",
+        len(catalog) + 1,
+        [-1.0] * (len(catalog) + 1),
+        [1.0] * (len(catalog) + 1),
+        [16],
+        normalize_observations=False,
+    )
     policy = build_policy_net(spec)
     dna = formulate(policy, BRIEF)
     observation = torch.as_tensor(encode_brief(BRIEF, catalog)).unsqueeze(0)

@@ -53,8 +53,15 @@ def test_logged_kl_clip_fraction_and_entropy_equal_a_direct_computation(
     # One minibatch = the whole rollout, two epochs: two optimizer steps on the same batch. A
     # large learning rate makes the second step's ratios leave the clip range.
     torch.manual_seed(0)
-    module = PPO(env_id=env_id, num_envs=4, rollout_steps=16, minibatch_size=64,
-                 update_epochs=2, learning_rate=lr, hidden_sizes=[16])  # fmt: skip
+    module = PPO(
+        env_id=env_id,
+        num_envs=4,
+        rollout_steps=16,
+        minibatch_size=64,
+        update_epochs=2,
+        learning_rate=lr,
+        hidden_sizes=[16],
+    )
     recorder = _RecordPolicyBeforeEachStep()
     trainer = _trainer(1, [recorder])
     trainer.fit(module)
@@ -88,9 +95,18 @@ def test_logged_kl_clip_fraction_and_entropy_equal_a_direct_computation(
 
 def test_short_fragrance_run_improves_mean_reward_over_its_start() -> None:
     torch.manual_seed(0)
-    module = PPO(env_id=FRAGRANCE, num_envs=16, rollout_steps=8, minibatch_size=64,
-                 update_epochs=4, learning_rate=3e-4, hidden_sizes=[64, 64],
-                 normalize_observations=False, normalize_rewards=True, seed=1)  # fmt: skip
+    module = PPO(
+        env_id=FRAGRANCE,
+        num_envs=16,
+        rollout_steps=8,
+        minibatch_size=64,
+        update_epochs=4,
+        learning_rate=3e-4,
+        hidden_sizes=[64, 64],
+        normalize_observations=False,
+        normalize_rewards=True,
+        seed=1,
+    )
     rewards: list[float] = []
 
     class Rewards(pl.Callback):
@@ -103,8 +119,14 @@ def test_short_fragrance_run_improves_mean_reward_over_its_start() -> None:
 
 
 def test_one_training_step_is_one_global_step_whatever_the_minibatch_count() -> None:
-    module = PPO(env_id="CartPole-v1", num_envs=2, rollout_steps=16, minibatch_size=8,
-                 update_epochs=3, hidden_sizes=[8])  # fmt: skip
+    module = PPO(
+        env_id="CartPole-v1",
+        num_envs=2,
+        rollout_steps=16,
+        minibatch_size=8,
+        update_epochs=3,
+        hidden_sizes=[8],
+    )
     trainer = _trainer(2)
     trainer.fit(module)
     assert trainer.global_step == 2
@@ -114,8 +136,14 @@ def test_one_training_step_is_one_global_step_whatever_the_minibatch_count() -> 
 
 
 def test_checkpoint_loads_with_weights_only_and_rebuilds_the_same_policy(tmp_path: Path) -> None:
-    module = PPO(env_id=FRAGRANCE, num_envs=4, rollout_steps=8, minibatch_size=32,
-                 hidden_sizes=[16], normalize_observations=True)  # fmt: skip
+    module = PPO(
+        env_id=FRAGRANCE,
+        num_envs=4,
+        rollout_steps=8,
+        minibatch_size=32,
+        hidden_sizes=[16],
+        normalize_observations=True,
+    )
     trainer = _trainer(2)
     trainer.fit(module)
     path = tmp_path / "ppo.ckpt"
@@ -131,17 +159,29 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_same_policy(tmp_pat
 def test_hydra_style_containers_are_stored_as_plain_hyperparameters() -> None:
     from omegaconf import OmegaConf
 
-    module = PPO(env_id="CartPole-v1", env_kwargs=OmegaConf.create({}), num_envs=2,
-                 rollout_steps=8, minibatch_size=8,
-                 hidden_sizes=OmegaConf.create([8, 8]))  # type: ignore[arg-type]  # fmt: skip
+    module = PPO(
+        env_id="CartPole-v1",
+        env_kwargs=OmegaConf.create({}),
+        num_envs=2,
+        rollout_steps=8,
+        minibatch_size=8,
+        hidden_sizes=OmegaConf.create([8, 8]),
+    )  # type: ignore[arg-type]
     assert module.hparams["hidden_sizes"] == [8, 8]
     assert type(module.hparams["env_kwargs"]) is dict
 
 
 def test_same_step_autoreset_bootstraps_truncated_episodes_only() -> None:
     torch.manual_seed(0)
-    module = PPO(env_id="CartPole-v1", env_kwargs={"max_episode_steps": 5}, num_envs=2,
-                 rollout_steps=12, minibatch_size=8, hidden_sizes=[8], gamma=0.9)  # fmt: skip
+    module = PPO(
+        env_id="CartPole-v1",
+        env_kwargs={"max_episode_steps": 5},
+        num_envs=2,
+        rollout_steps=12,
+        minibatch_size=8,
+        hidden_sizes=[8],
+        gamma=0.9,
+    )
     rollout, finished = module.collect_rollout()
     dones = rollout.dones[:, 0]
     truncated_steps = torch.nonzero(dones).flatten().tolist()
@@ -158,8 +198,7 @@ def test_same_step_autoreset_bootstraps_truncated_episodes_only() -> None:
 
 
 def test_diverged_policy_stops_the_rollout_with_an_actionable_error() -> None:
-    module = PPO(env_id=FRAGRANCE, num_envs=2, rollout_steps=4, minibatch_size=8,
-                 hidden_sizes=[8])  # fmt: skip
+    module = PPO(env_id=FRAGRANCE, num_envs=2, rollout_steps=4, minibatch_size=8, hidden_sizes=[8])
     with torch.no_grad():
         for parameter in module.policy_net.parameters():
             parameter.fill_(float("nan"))
