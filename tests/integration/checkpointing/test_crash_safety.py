@@ -29,6 +29,7 @@ from crash_harness import (
 )
 
 from lightning_fragrance.callbacks import RollbackCheckpoint
+from lightning_fragrance.checkpointing import CheckpointStore
 
 KILLS = 24
 # Long enough for several back-to-back saves of the ~25 MB payload, short enough for 24 kills in
@@ -126,3 +127,7 @@ def test_sigkill_during_saves_never_leaves_a_broken_history_and_the_run_resumes(
     assert not final.problems, final.problems
     assert not final.tmp_files, final.tmp_files
     assert final.newest_good_step == newest_seen + 2
+    # The engine's own reader agrees with the independent one.
+    store = CheckpointStore(str(directory), read_only=True)
+    assert [r.step for r in store.records()] == sorted(final.good_steps)
+    assert all(store.verify(r) for r in store.records())

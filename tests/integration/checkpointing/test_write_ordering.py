@@ -247,3 +247,41 @@ def test_a_third_save_waits_while_one_is_written_and_one_is_queued_then_all_comm
     assert [r.step for r in store.records()] == [1, 2, 3]
     renames = [op[1] for op in fs.ops if op[0] == "mv"]
     assert [p for p in renames if p.endswith(".ckpt")] == [_ckpt(1), _ckpt(2), _ckpt(3)]
+
+
+def test_a_disk_that_fills_up_during_the_history_rewrite_leaves_a_readable_history(
+    fs: FaultyMemoryFileSystem,
+) -> None:
+    store = CheckpointStore(ROOT, max_checkpoints=5, fs=fs)
+    writer = AsyncCheckpointWriter(store)
+    try:
+        writer.submit(1, _payload(1), {"loss": 1.0})
+        writer.flush()
+        checkpoint_bytes = store.records()[0].bytes
+        # Room for the next checkpoint file, not for the history rewrite that commits it.
+        fs.capacity = fs.used_bytes() + checkpoint_bytes + 16
+        writer.submit(2, _payload(2), {"loss": 1.0})
+        writer.flush()
+        errors = writer.take_errors()
+        assert [e.step for e in errors] == [2]
+        assert any(getattr(e, "errno", None) == errno.ENOSPC for e in exception_chain(errors[0]))
+        # It was the history rewrite that ran out of space, after the checkpoint's rename.
+        assert ("enospc", f"{ROOT}/checkpoint_history.json.tmp", None) in fs.ops, fs.ops
+
+        # What a fresh reader (a resume, the CLI) finds: a parseable history naming only
+        # intact files, with step 1 among them.
+        fresh = CheckpointStore(ROOT, fs=fs, read_only=True)
+        assert 1 in [r.step for r in fresh.records()]
+        assert all(fresh.verify(r) for r in fresh.records())
+        assert not [p for p in fs.ls(ROOT, detail=False) if p.endswith(".tmp")]
+
+        # Space comes back: the next commit succeeds and everything it lists is intact.
+        fs.capacity = None
+        writer.submit(3, _payload(3), {"loss": 1.0})
+        writer.flush()
+    finally:
+        writer.close()
+    assert writer.take_errors() == []
+    fresh = CheckpointStore(ROOT, fs=fs, read_only=True)
+    assert {1, 3} <= {r.step for r in fresh.records()}
+    assert all(fresh.verify(r) for r in fresh.records())
