@@ -112,7 +112,7 @@ def run_config(name: str, directory: Path) -> dict[str, Any]:
     hook_seconds: dict[int, float] = {}
 
     def timed(cls: type) -> type:
-        class Timed(cls):  # type: ignore[misc, valid-type]
+        class Timed(cls):
             def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
                 start = time.perf_counter()
                 super().on_train_batch_end(trainer, *args)

@@ -15,7 +15,7 @@ from torch import nn
 from lightning_fragrance.checkpointing import CheckpointManager, RollbackConditions
 
 
-def _nets() -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+def _nets() -> tuple[nn.Linear, nn.Linear, torch.optim.Optimizer]:
     torch.manual_seed(0)
     policy, value = nn.Linear(4, 2), nn.Linear(4, 1)
     return policy, value, torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=1e-2)
