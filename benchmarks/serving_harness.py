@@ -1,0 +1,201 @@
+"""Shared pieces of the serving benchmarks: an exported policy, server processes, a load loop.
+
+Not a benchmark itself (``run_all.py`` runs only ``bench_*.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_ID = "lightning_fragrance.fragrance:FragranceFormulation-v0"
+TEXTS = [
+    "a fresh citrus scent for summer, not too sweet",
+    "warm amber and vanilla for winter evenings",
+    "a green floral for spring",
+    "woody and spicy, no vanilla",
+]
+
+
+def train_checkpoints(directory: Path, steps: int = 2, hidden: int = 64) -> list[Path]:
+    """Checkpoints of a short real ``Trainer.fit`` of PPO on the fragrance task (one per step)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_fragrance.rl import PPO
+
+    model = PPO(
+        env_id=ENV_ID,
+        num_envs=2,
+        rollout_steps=8,
+        minibatch_size=16,
+        update_epochs=1,
+        hidden_sizes=[hidden, hidden],
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=directory,
+                filename="step{step}",
+                every_n_train_steps=1,
+                save_top_k=-1,
+                auto_insert_metric_name=False,
+            )
+        ],
+    )
+    trainer.fit(model)
+    return sorted(directory.glob("*.ckpt"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A server subprocess on loopback, stopped by its PID."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def wait_ready(self, path: str, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready:\n{self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own process group (LitServe spawns worker processes)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        # Children that outlived the parent (multiprocessing workers) share its group.
+        with contextlib.suppress(ProcessLookupError):
+            time.sleep(0.5)
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def start_ours(export_dir: Path, token: str = "bench-token", **overrides: object) -> Server:
+    """``lf-serve`` on a free port."""
+    port = free_port()
+    args = {"export_dir": str(export_dir), "port": port, "log_level": "WARNING", **overrides}
+    env = {**os.environ, "LF_ADMIN_TOKEN": token}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = Path(tempfile.mkstemp(prefix="lf-serve-", suffix=".log")[1])
+    with log.open("wb") as fh:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lightning_fragrance.cli.serve"]
+            + [f"{k}={v}" for k, v in args.items()],
+            cwd=REPO,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server(process, f"http://127.0.0.1:{port}", log)
+
+
+@dataclass
+class LoadResult:
+    """Latencies (seconds) of successful requests and the failures, over ``seconds``."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: int = 0
+    seconds: float = 0.0
+    stamps: list[tuple[float, float]] = field(default_factory=list)  # (start, latency)
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    def p(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) if self.latencies else float("nan")
+
+
+async def _load(url: str, path: str, clients: int, seconds: float, warmup: float) -> LoadResult:
+    result = LoadResult()
+    stop_at = time.monotonic() + warmup + seconds
+    measure_from = time.monotonic() + warmup
+
+    async def client(index: int) -> None:
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            n = index
+            while (now := time.monotonic()) < stop_at:
+                body = {"user_text": TEXTS[n % len(TEXTS)], "mode": "fast"}
+                n += 1
+                try:
+                    async with session.post(url + path, json=body) as response:
+                        await response.read()
+                        status = response.status
+                except aiohttp.ClientError:
+                    if now >= measure_from:
+                        result.errors += 1
+                    continue
+                latency = time.monotonic() - now
+                if now >= measure_from:
+                    result.statuses[status] = result.statuses.get(status, 0) + 1
+                    if status == 200:
+                        result.latencies.append(latency)
+                        result.stamps.append((now, latency))
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    result.seconds = seconds
+    return result
+
+
+def run_load(
+    url: str, path: str, clients: int = 8, seconds: float = 8.0, warmup: float = 1.5
+) -> LoadResult:
+    """``clients`` closed-loop clients (keep-alive) for ``seconds`` after ``warmup``."""
+    return asyncio.run(_load(url, path, clients, seconds, warmup))
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
