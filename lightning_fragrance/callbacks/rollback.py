@@ -37,12 +37,12 @@ from lightning_fragrance.checkpointing import (
     RollbackConditions,
     RollbackGuard,
     Snapshot,
+    StagingPool,
     collect_rng_state,
     find_restore_source,
     next_save_step,
     reseed,
     restore_rng_state,
-    stage_to_cpu,
 )
 from lightning_fragrance.checkpointing.manager import format_rolled_back
 from lightning_fragrance.checkpointing.triggers import GRAD_NORM, KL, LOSS, REWARD
@@ -200,6 +200,7 @@ class RollbackCheckpoint(Checkpoint):
         self._warned_keys: set[str] = set()
         self._warned_no_target = False
         self._accumulated: dict[str, float] = {}
+        self._staging = StagingPool()
         self._grad_norm_sq: float | None = None
         self._is_zero = True
 
@@ -346,14 +347,14 @@ class RollbackCheckpoint(Checkpoint):
         if GRAD_NORM in self.keys and GRAD_NORM not in found and self._grad_norm_sq is not None:
             found[GRAD_NORM] = math.sqrt(self._grad_norm_sq)
         self._grad_norm_sq = None
-        if not found:
-            return {}
+        if not any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in found.values()):
+            return {name: float(value) for name, value in found.items()}
+        # Device tensors: one host copy for all values (one sync, research note §4).
         names = list(found)
-        # One host copy for all values (one device sync on GPU, research note §4).
         stacked = torch.stack(
-            [torch.as_tensor(found[n]).detach().reshape(()).to("cpu", torch.float64) for n in names]
+            [torch.as_tensor(found[n]).detach().reshape(()).to(torch.float64) for n in names]
         )
-        return dict(zip(names, stacked.tolist(), strict=True))
+        return dict(zip(names, stacked.cpu().tolist(), strict=True))
 
     def _missing(self, key: str, name: str, outputs: Any, logged: Mapping[str, Any]) -> None:
         if key in self._warned_keys:
@@ -415,14 +416,16 @@ class RollbackCheckpoint(Checkpoint):
         # by lightning<2.7 in pyproject), used because the only public route, save_checkpoint,
         # serialises synchronously on the training thread; test_rollback_resume guards it.
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        staged = stage_to_cpu(checkpoint)
+        keep = self._snapshot.payload if self._snapshot is not None else None
+        staged, release = self._staging.stage(checkpoint, keep=keep)
         blocking = time.perf_counter() - started
         if self.keep_in_memory:
             self._snapshot = Snapshot(step, staged)
         if not self._is_zero:
+            release()
             return
         if self._writer is not None:
-            self._writer.submit(step, staged, metrics, record.status, blocking)
+            self._writer.submit(step, staged, metrics, record.status, blocking, on_done=release)
             return
         write_started = time.perf_counter()
         try:
@@ -433,6 +436,8 @@ class RollbackCheckpoint(Checkpoint):
             self.observers.on_checkpoint_saved(
                 step, committed.bytes, blocking, time.perf_counter() - write_started
             )
+        finally:
+            release()
 
     def _report_write_errors(self) -> None:
         if self._writer is None:

@@ -34,6 +34,7 @@ from lightning_fragrance.checkpointing.rng import collect_rng_state, reseed, res
 from lightning_fragrance.checkpointing.snapshot import (
     AsyncCheckpointWriter,
     CheckpointWriteError,
+    StagingPool,
     stage_to_cpu,
 )
 from lightning_fragrance.checkpointing.store import HISTORY_FILE, CheckpointStore
@@ -65,6 +66,7 @@ __all__ = [
     "RollbackGuard",
     "RollbackReason",
     "Snapshot",
+    "StagingPool",
     "Trigger",
     "TriggerMonitor",
     "checkpoint_file_name",

@@ -18,6 +18,8 @@ from typing import Any
 from lightning_fragrance.checkpointing.conditions import RollbackConditions
 from lightning_fragrance.checkpointing.errors import RollbackBudgetExceeded
 from lightning_fragrance.checkpointing.records import (
+    CERTIFIED,
+    PENDING,
     CheckpointRecord,
     CheckpointStatus,
     checkpoint_file_name,
@@ -105,7 +107,7 @@ class RollbackGuard:
             return
         unpinned = [e for e in self.ledger if not e.pinned]
         keep = {e.step for e in unpinned[-self.max_checkpoints :]}
-        certified = [e for e in self.ledger if e.status == CheckpointStatus.CERTIFIED.value]
+        certified = [e for e in self.ledger if e.status == CERTIFIED]
         if certified:
             keep.add(certified[-1].step)
         self.ledger = [e for e in self.ledger if e.pinned or e.step in keep]
@@ -140,11 +142,11 @@ class RollbackGuard:
         newly: list[int] = []
         for entry in self.ledger:
             if (
-                entry.status == CheckpointStatus.PENDING.value
+                entry.status == PENDING
                 and step - entry.step >= wait
                 and self.last_bad_step < entry.step
             ):
-                entry.status = CheckpointStatus.CERTIFIED.value
+                entry.status = CERTIFIED
                 newly.append(entry.step)
         return tuple(newly)
 
@@ -157,8 +159,8 @@ class RollbackGuard:
         The others stay in the list as fallbacks, in case every older file is damaged.
         """
         usable = [e for e in self.ledger if e.is_rollback_target and e.step <= step]
-        certified = [e for e in usable if e.status == CheckpointStatus.CERTIFIED.value]
-        pending = [e for e in usable if e.status != CheckpointStatus.CERTIFIED.value]
+        certified = [e for e in usable if e.status == CERTIFIED]
+        pending = [e for e in usable if e.status != CERTIFIED]
         ordered = certified[::-1] + pending[::-1]
         if self.escalating(step) and self.last_rollback is not None:
             to_step = self.last_rollback[1]

@@ -42,7 +42,7 @@ from lightning_fragrance.checkpointing.records import (
 )
 from lightning_fragrance.checkpointing.recovery import Snapshot, find_restore_source
 from lightning_fragrance.checkpointing.rng import collect_rng_state, restore_rng_state
-from lightning_fragrance.checkpointing.snapshot import AsyncCheckpointWriter, stage_to_cpu
+from lightning_fragrance.checkpointing.snapshot import AsyncCheckpointWriter, StagingPool
 from lightning_fragrance.checkpointing.store import CheckpointStore
 from lightning_fragrance.checkpointing.triggers import KL, LOSS, REWARD, Trigger
 
@@ -103,6 +103,7 @@ class CheckpointManager:
         self.writer = AsyncCheckpointWriter(self.store, [self.observers]) if async_save else None
         self.keep_in_memory = keep_in_memory
         self._snapshot: Snapshot | None = None
+        self._staging = StagingPool()
         self._pending: tuple[int, Trigger] | None = None
         newest = self.guard.ledger[-1].step if self.guard.ledger else 0
         self._next_save = next_save_step(newest, save_interval) if newest else save_interval
@@ -139,7 +140,8 @@ class CheckpointManager:
             else:
                 other[key] = value
         started = time.perf_counter()
-        payload = stage_to_cpu(
+        keep = self._snapshot.payload if self._snapshot is not None else None
+        payload, release = self._staging.stage(
             {
                 "step": step,
                 "policy_state_dict": policy_net.state_dict(),
@@ -148,14 +150,15 @@ class CheckpointManager:
                 "metrics": dict(metrics),
                 "rng": collect_rng_state(),
                 "extra": other,
-            }
+            },
+            keep=keep,
         )
         blocking = time.perf_counter() - started
         record = self.guard.record_save(step, metrics)
         if self.keep_in_memory:
             self._snapshot = Snapshot(step, payload)
         if self.writer is not None:
-            self.writer.submit(step, payload, metrics, record.status, blocking)
+            self.writer.submit(step, payload, metrics, record.status, blocking, on_done=release)
         else:
             written_at = time.perf_counter()
             try:
@@ -167,6 +170,8 @@ class CheckpointManager:
                 self.observers.on_checkpoint_saved(
                     step, committed.bytes, blocking, time.perf_counter() - written_at
                 )
+            finally:
+                release()
         self._next_save = next_save_step(step, self.save_interval)
         return self.store.url(record.file)
 

@@ -39,6 +39,12 @@ class RollbackReason(str, Enum):
     GRAD_NORM = "grad_norm_spike"
 
 
+# Plain strings for the per-step paths: an Enum member's `.value` costs a descriptor call.
+PENDING = CheckpointStatus.PENDING.value
+CERTIFIED = CheckpointStatus.CERTIFIED.value
+_TARGET_STATUSES = frozenset({PENDING, CERTIFIED})
+
+
 @dataclasses.dataclass
 class CheckpointRecord:
     """One committed checkpoint as listed in `checkpoint_history.json`.
@@ -66,7 +72,7 @@ class CheckpointRecord:
     @property
     def is_rollback_target(self) -> bool:
         """Whether this checkpoint may still be restored (not corrupt, not rejected)."""
-        return self.status in (CheckpointStatus.PENDING.value, CheckpointStatus.CERTIFIED.value)
+        return self.status in _TARGET_STATUSES
 
     def to_dict(self) -> dict[str, Any]:
         """JSON- and weights_only-safe representation."""

@@ -13,6 +13,7 @@ from lightning_fragrance.checkpointing import (
     CheckpointStore,
     CheckpointWriteError,
     NullObserver,
+    StagingPool,
     stage_to_cpu,
 )
 
@@ -98,3 +99,27 @@ def test_disk_full_is_reported_once_and_older_checkpoints_stay_intact(
     writer.submit(3, {"w": torch.ones(16)}, {})  # the writer keeps working afterwards
     writer.close()
     assert store.steps() == [1, 3]
+
+
+def test_stage_into_reuses_buffers_of_matching_shape_only() -> None:
+    first = stage_to_cpu({"w": torch.ones(4), "b": torch.ones(2), "n": 1})
+    buffer = first["w"]
+    second = stage_to_cpu({"w": torch.full((4,), 2.0), "b": torch.ones(3), "n": 2}, into=first)
+    assert second["w"] is buffer and torch.equal(buffer, torch.full((4,), 2.0))
+    assert second["b"].shape == (3,) and second["n"] == 2
+
+
+def test_staging_pool_never_reuses_the_snapshot_or_an_unwritten_copy() -> None:
+    pool = StagingPool()
+    live = {"w": torch.zeros(8)}
+    snapshot, release_snapshot = pool.stage(live)
+    release_snapshot()  # written, but it is still the in-memory snapshot
+    live["w"].fill_(1.0)
+    writing, _ = pool.stage(live, keep=snapshot)  # never released: still being written
+    assert writing["w"] is not snapshot["w"]
+    live["w"].fill_(2.0)
+    third, _ = pool.stage(live, keep=writing)
+    # The snapshot's buffers were free (released, no longer kept): reused; the others untouched.
+    assert third["w"] is snapshot["w"]
+    assert torch.equal(writing["w"], torch.ones(8))
+    assert torch.equal(third["w"], torch.full((8,), 2.0))
