@@ -16,7 +16,11 @@ from torch import nn
 
 from lightning_fragrance.callbacks import RollbackCheckpoint
 from lightning_fragrance.callbacks.rollback import RNG_KEY
-from lightning_fragrance.checkpointing import MissingMetricError, RollbackBudgetExceeded
+from lightning_fragrance.checkpointing import (
+    MissingMetricError,
+    NullObserver,
+    RollbackBudgetExceeded,
+)
 from lightning_fragrance.examples import DivergenceSpec, ToyPolicyModule, toy_dataloader
 
 
@@ -323,3 +327,26 @@ def test_rollback_restores_the_grad_scaler_of_mixed_precision(tmp_path: Path) ->
     saved = load(tmp_path / "checkpoint_step_5.ckpt")["MixedPrecision"]
     assert saved["scale"] == 1024.0
     assert scaler.get_scale() == 1024.0  # back from 8.0
+
+
+class RecordingObserver(NullObserver):
+    def __init__(self) -> None:
+        self.saved: list[int] = []
+        self.rollbacks: list[tuple[int, int, str]] = []
+
+    def on_checkpoint_saved(
+        self, step: int, nbytes: int, blocking_seconds: float, write_seconds: float
+    ) -> None:
+        self.saved.append(step)
+
+    def on_rollback(self, from_step: int, to_step: int, reason: str) -> None:
+        self.rollbacks.append((from_step, to_step, reason))
+
+
+def test_observers_hear_saves_and_rollbacks(tmp_path: Path) -> None:
+    observer = RecordingObserver()
+    guard = RollbackCheckpoint(dirpath=tmp_path, save_every_n_steps=3, observers=[observer])
+    module = ToyPolicyModule(divergence=DivergenceSpec(at_step=4, kl=0.5, loss_scale=1.0))
+    fit([guard], max_steps=7, module=module)
+    assert observer.saved == [3, 6]
+    assert observer.rollbacks == [(5, 3, "kl_spike")]
