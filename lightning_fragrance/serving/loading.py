@@ -42,8 +42,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -626,18 +626,36 @@ class ExportStore:
             config = ExportConfig.model_validate_json((directory / CONFIG_FILE).read_bytes())
         except ValidationError as exc:
             raise ManifestInvalidError(f"{version}/{CONFIG_FILE} is invalid: {exc}") from exc
-        model = build_model(config.model_class, config.hparams)
+        # Built on the meta device and given the loaded tensors (assign=True): no random init
+        # and no second copy, so a reload holds old + new weights, not old + 2x new.
+        with torch.device("meta"):
+            model = build_model(config.model_class, config.hparams)
         weights = read_safetensors(directory / WEIGHTS_FILE)
         check_state_dict(model, weights)
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(weights, strict=True, assign=True)
+        left_on_meta = [
+            n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+        ]
+        if left_on_meta:
+            raise StateDictMismatchError(
+                f"{config.model_class} has tensors the export does not provide: {left_on_meta[:5]}"
+            )
         model.eval()
         return LoadedModel(model=model, version=version, config=config, manifest=manifest)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; anything else (a pickle, a truncated file) is refused."""
+    """Read a safetensors file into private memory; anything else (a pickle, a truncated file)
+    is refused.
+
+    Each tensor is copied out of the memory map: a model that kept pointing into the mapped file
+    would crash with SIGBUS if someone overwrote the export in place, and views into the map
+    are not 64-byte aligned, which changes the matmul kernels' summation order (served formulas
+    would then differ from the trained policy's in the last digits).
+    """
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {name: handle.get_tensor(name).clone() for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsFormatError(
             f"{path} is not a valid safetensors file ({exc}); exports are read as safetensors "
