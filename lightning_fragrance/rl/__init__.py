@@ -1,5 +1,6 @@
 """PPO for Gymnasium environments as a Lightning module, with its networks and statistics."""
 
+from lightning_fragrance.rl.evaluation import evaluate_policy
 from lightning_fragrance.rl.networks import (
     PolicyNetwork,
     PolicySpec,
@@ -27,6 +28,7 @@ __all__ = [
     "build_policy_net",
     "clip_fraction",
     "compute_gae",
+    "evaluate_policy",
     "k3_kl",
     "make_vector_env",
     "policy_from_state",
