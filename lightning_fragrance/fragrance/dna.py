@@ -314,7 +314,10 @@ def formulate(
     from lightning_fragrance.fragrance.env import encode_brief
 
     catalog = catalog or default_catalog()
-    observation = torch.as_tensor(encode_brief(brief, catalog)).unsqueeze(0)
+    device = torch.device("cpu")
+    if isinstance(policy_net, torch.nn.Module):  # follow the policy to its device
+        device = next((p.device for p in policy_net.parameters()), device)
+    observation = torch.as_tensor(encode_brief(brief, catalog), device=device).unsqueeze(0)
     with torch.no_grad():
         action = policy_net.act(observation, deterministic=True)[0]
     return decode_action(action, brief, catalog, config)

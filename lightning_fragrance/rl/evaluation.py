@@ -36,12 +36,14 @@ def evaluate_policy(
         RuntimeError: When some episode did not end within `max_steps`.
     """
     envs = make_vector_env(env_id, episodes, env_kwargs)
+    device = policy_net.action_low.device
     try:
         obs, _ = envs.reset(seed=seed)
         returns = np.zeros(episodes)
         done = np.zeros(episodes, dtype=bool)
         for _ in range(max_steps):
-            action = policy_net.act(torch.as_tensor(obs, dtype=torch.float32), deterministic)
+            observations = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            action = policy_net.act(observations, deterministic)
             env_action = action.cpu().numpy()
             if policy_net.spec.action_kind == "discrete":
                 env_action = env_action.astype(np.int64)

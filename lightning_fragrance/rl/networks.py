@@ -58,7 +58,7 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update(self, batch: Tensor) -> None:
         """Merge a batch of samples (leading dimension = samples)."""
-        flat = batch.reshape(-1, *self.mean.shape).to(self.mean.dtype)
+        flat = batch.reshape(-1, *self.mean.shape).to(self.mean.device, self.mean.dtype)
         self.update_from_moments(flat.mean(0), flat.var(0, unbiased=False), flat.shape[0])
 
     def normalize(self, x: Tensor) -> Tensor:

@@ -394,8 +394,9 @@ class PPO(pl.LightningModule):
         self._discounted_returns = self._discounted_returns * self.config.gamma + reward
         self.return_normalizer.update(torch.as_tensor(self._discounted_returns))
         self._discounted_returns[done] = 0.0
-        scaled = self.return_normalizer.scale(torch.as_tensor(reward, dtype=torch.float32))
-        return scaled.numpy().astype(np.float32)
+        device = self.return_normalizer.mean.device
+        scaled = self.return_normalizer.scale(torch.as_tensor(reward, device=device))
+        return scaled.cpu().numpy().astype(np.float32)
 
     # ----------------------------------------------------------------------------------------
     # Update
@@ -515,7 +516,8 @@ class PPO(pl.LightningModule):
         metrics = {f"train/{k}": torch.stack(v).mean() for k, v in totals.items() if k != "kl"}
         metrics["train/grad_norm"] = torch.stack(grad_norms).mean()
         metrics["train/episodes"] = torch.tensor(float(len(finished)))
-        self.log_dict(metrics, on_step=True, on_epoch=False)
+        # sync_dist: under DDP every rank logs the mean over ranks (a no-op on one device).
+        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True)
         progress = {"train/kl": kl}
         # Mean return of the episodes that ended in this rollout, or of the last 100 when none
         # did (long episodes). Before the first episode ends there is no reward to report, and
@@ -523,7 +525,7 @@ class PPO(pl.LightningModule):
         if self._recent_returns:
             reward = float(np.mean(finished)) if finished else float(np.mean(self._recent_returns))
             progress["train/reward"] = torch.tensor(reward)
-        self.log_dict(progress, on_step=True, on_epoch=False, prog_bar=True)
+        self.log_dict(progress, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
 
     # ----------------------------------------------------------------------------------------
     # Inference helpers
