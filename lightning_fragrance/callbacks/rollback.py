@@ -20,6 +20,7 @@ import fsspec
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_fragrance.checkpointing import (
@@ -45,6 +46,7 @@ from lightning_fragrance.checkpointing import (
     restore_rng_state,
 )
 from lightning_fragrance.checkpointing.manager import format_rolled_back
+from lightning_fragrance.checkpointing.optimizer_state import copy_optimizer_state_
 from lightning_fragrance.checkpointing.triggers import GRAD_NORM, KL, LOSS, REWARD
 
 log = logging.getLogger("lightning_fragrance.callbacks.rollback")
@@ -561,13 +563,11 @@ class RollbackCheckpoint(Checkpoint):
         """Restore in place with public Strategy methods (weights, optimizers, schedulers,
         precision plugin), plus RNG; then clear gradients."""
         if from_memory:
-            # Everything but the weights is deep-copied: Optimizer.load_state_dict aliases
-            # same-device tensors, and the next step would mutate the snapshot (note §6.1).
-            # Module.load_state_dict copies, so the weights need no copy.
-            checkpoint = {
-                k: v if k in ("state_dict", "current_model_state") else copy.deepcopy(v)
-                for k, v in payload.items()
-            }
+            # The snapshot must stay intact for later rollbacks: the small parts are deep-copied;
+            # weights are copied by Module.load_state_dict, and optimizer states are copied into
+            # the live tensors (or deep-copied, see below).
+            large = ("state_dict", "current_model_state", "optimizer_states")
+            checkpoint = {k: v if k in large else copy.deepcopy(v) for k, v in payload.items()}
         else:
             checkpoint = dict(payload)
         if "current_model_state" in checkpoint:
@@ -577,7 +577,22 @@ class RollbackCheckpoint(Checkpoint):
         pl_module.on_load_checkpoint(checkpoint)  # the module's RL state (KL coef, normalisers)
         strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
         if strategy.lightning_restore_optimizer and "optimizer_states" in checkpoint:
-            strategy.load_optimizer_state_dict(checkpoint)
+            states = checkpoint["optimizer_states"]
+            in_place = (
+                from_memory
+                and isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+                and len(states) == len(trainer.optimizers)
+                and all(
+                    copy_optimizer_state_(optimizer, state)
+                    for optimizer, state in zip(trainer.optimizers, states, strict=True)
+                )
+            )
+            if not in_place:
+                if from_memory:
+                    # Optimizer.load_state_dict keeps same-device tensors by reference: the
+                    # next step would mutate the snapshot (research note §6.1).
+                    checkpoint["optimizer_states"] = copy.deepcopy(states)
+                strategy.load_optimizer_state_dict(checkpoint)
         if self.restore_scheduler:
             states = checkpoint.get("lr_schedulers", [])
             for config, state in zip(trainer.lr_scheduler_configs, states, strict=False):

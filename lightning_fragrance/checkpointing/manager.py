@@ -35,6 +35,7 @@ from lightning_fragrance.checkpointing.observers import (
     LoggingObserver,
     ObserverGroup,
 )
+from lightning_fragrance.checkpointing.optimizer_state import copy_optimizer_state_
 from lightning_fragrance.checkpointing.records import (
     CheckpointRecord,
     CheckpointStatus,
@@ -271,9 +272,11 @@ class CheckpointManager:
         policy_net.load_state_dict(payload["policy_state_dict"])
         if value_net is not None and payload.get("value_state_dict") is not None:
             value_net.load_state_dict(payload["value_state_dict"])
-        # Deep copy: Optimizer.load_state_dict aliases same-device tensors, so the next step
-        # would mutate the snapshot (research note §6.1).
-        optimizer.load_state_dict(copy.deepcopy(payload["optimizer_state_dict"]))
+        saved_optimizer = payload["optimizer_state_dict"]
+        if not (source.from_memory and copy_optimizer_state_(optimizer, saved_optimizer)):
+            # Deep copy: Optimizer.load_state_dict aliases same-device tensors, so the next
+            # step would mutate the snapshot (research note §6.1).
+            optimizer.load_state_dict(copy.deepcopy(saved_optimizer))
         optimizer.zero_grad(set_to_none=True)
         policy_net.zero_grad(set_to_none=True)
         if value_net is not None:
