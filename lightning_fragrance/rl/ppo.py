@@ -462,8 +462,7 @@ class PPO(pl.LightningModule):
             for start in starts:
                 index = order[start : start + mb]
                 stats = self.minibatch_losses({k: v[index] for k, v in flat.items()})
-                target_kl = self.config.target_kl
-                if target_kl is not None and stats["kl"] > 1.5 * target_kl and steps_done > 0:
+                if self._kl_too_far(stats["kl"]) and steps_done > 0:
                     stop = True  # SB3: stop before stepping on a minibatch that went too far
                     break
                 optimizer.zero_grad()
@@ -480,6 +479,18 @@ class PPO(pl.LightningModule):
             # The update ended early; count it as one update all the same.
             self._optimizer_step(optimizer, count_as_update=True, zero_step=True)
         self._log_update(rollout, finished, totals, grad_norms)
+
+    def _kl_too_far(self, kl: Tensor) -> bool:
+        """SB3's early stop: KL above 1.5 x target_kl. Under DDP any rank stopping stops all
+        (every rank must make the same number of backward passes)."""
+        target_kl = self.config.target_kl
+        if target_kl is None:
+            return False
+        too_far = bool(kl > 1.5 * target_kl)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            too_far = trainer.strategy.reduce_boolean_decision(too_far, all=False)
+        return too_far
 
     def _optimizer_step(
         self,

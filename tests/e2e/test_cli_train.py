@@ -31,16 +31,16 @@ TINY = [
 ]
 
 
-def _lf_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+def _lf_train(
+    tmp_path: Path, *overrides: str, console_script: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m lightning_fragrance.cli.train`, or the installed `lf-train` script."""
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_fragrance.cli.train",
-        f"hydra.run.dir={out}",
-        *TINY,
-        *overrides,
-    ]
+    if console_script:
+        entry = [str(Path(sys.executable).parent / "lf-train")]
+    else:
+        entry = [sys.executable, "-m", "lightning_fragrance.cli.train"]
+    command = [*entry, f"hydra.run.dir={out}", *TINY, *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170, check=False
@@ -71,6 +71,7 @@ def test_fault_config_causes_a_rollback_recorded_in_the_history(tmp_path: Path) 
         "callbacks.fault.at_step=5",
         "callbacks.rollback.save_every_n_steps=2",
         "trainer.max_steps=8",
+        console_script=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint_history.json").read_text())

@@ -135,6 +135,24 @@ def test_one_training_step_is_one_global_step_whatever_the_minibatch_count() -> 
     assert adam_steps == {2 * 3 * (32 // 8)}  # updates x epochs x minibatches
 
 
+def test_target_kl_ends_the_update_early_and_it_still_counts_as_one_step() -> None:
+    module = PPO(
+        env_id="CartPole-v1",
+        num_envs=2,
+        rollout_steps=16,
+        minibatch_size=8,
+        update_epochs=4,
+        learning_rate=0.05,
+        target_kl=1e-6,
+        hidden_sizes=[8],
+    )
+    trainer = _trainer(2)
+    trainer.fit(module)
+    assert trainer.global_step == 2
+    adam_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
+    assert adam_steps == {2}  # one minibatch step per update instead of 4 epochs x 4
+
+
 def test_checkpoint_loads_with_weights_only_and_rebuilds_the_same_policy(tmp_path: Path) -> None:
     module = PPO(
         env_id=FRAGRANCE,
