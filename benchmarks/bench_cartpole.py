@@ -33,6 +33,9 @@ class SolvedStop(pl.Callback):
         self.curve: list[tuple[int, float, float]] = []
         self.solved_at: tuple[int, float] | None = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()  # time the training, not the setup
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: object
     ) -> None:
@@ -89,9 +92,8 @@ def main() -> int:
                 "trainer.enable_checkpointing=false",
             ],
         )
-        module, trainer, _, _ = build_components(cfg)
         stop = SolvedStop()
-        trainer.callbacks.append(stop)  # type: ignore[attr-defined]
+        module, trainer, _, _ = build_components(cfg, extra_callbacks=[stop])
         trainer.fit(module)
     anchor = random_policy_return()
     best = max(score for _, _, score in stop.curve)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,16 +114,21 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
 
 
 def build_components(
-    cfg: DictConfig,
+    cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()
 ) -> tuple[pl.LightningModule, pl.Trainer, MetricHistory, list[Any]]:
-    """Model, Trainer, the metric history callback and every callback of a config."""
+    """Model, Trainer, the metric history callback and every callback of a config.
+
+    Args:
+        cfg: The composed `train.yaml`.
+        extra_callbacks: Added after the configured ones (benchmarks add their probes here).
+    """
     from hydra.utils import instantiate
 
     torch.set_num_threads(int(cfg.get("torch_threads", 1)))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = instantiate(cfg.model, _convert_="all")
     history = MetricHistory()
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), history]
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), history, *extra_callbacks]
     logger_cfg = cfg.get("logger")
     logger: Any = False
     if isinstance(logger_cfg, DictConfig) and "_target_" in logger_cfg:

@@ -179,12 +179,12 @@ def test_hydra_style_containers_are_stored_as_plain_hyperparameters() -> None:
 
     module = PPO(
         env_id="CartPole-v1",
-        env_kwargs=OmegaConf.create({}),
+        env_kwargs=OmegaConf.create({}),  # type: ignore[arg-type]
         num_envs=2,
         rollout_steps=8,
         minibatch_size=8,
-        hidden_sizes=OmegaConf.create([8, 8]),
-    )  # type: ignore[arg-type]
+        hidden_sizes=OmegaConf.create([8, 8]),  # type: ignore[arg-type]
+    )
     assert module.hparams["hidden_sizes"] == [8, 8]
     assert type(module.hparams["env_kwargs"]) is dict
 
