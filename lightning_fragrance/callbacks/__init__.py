@@ -3,4 +3,4 @@
 from lightning_fragrance.callbacks.faults import FaultInjection as FaultInjection
 from lightning_fragrance.callbacks.rollback import RollbackCheckpoint
 
-__all__ = ["RollbackCheckpoint"]
+__all__ = ["FaultInjection", "RollbackCheckpoint"]
