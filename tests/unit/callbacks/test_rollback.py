@@ -350,3 +350,14 @@ def test_observers_hear_saves_and_rollbacks(tmp_path: Path) -> None:
     fit([guard], max_steps=7, module=module)
     assert observer.saved == [3, 6]
     assert observer.rollbacks == [(5, 3, "kl_spike")]
+
+
+def test_certified_checkpoint_is_preferred_and_the_suspect_one_rejected(tmp_path: Path) -> None:
+    guard = RollbackCheckpoint(dirpath=tmp_path, save_every_n_steps=3, certify_after_steps=3)
+    module = ToyPolicyModule(divergence=DivergenceSpec(at_step=7, kl=0.5, loss_scale=1.0))
+    fit([guard], max_steps=10, module=module)
+    # Step 3 was certified at step 6; step 6 was still pending when step 8 went bad.
+    assert [(e["at_step"], e["to_step"]) for e in guard.rollback_events] == [(8, 3)]
+    statuses = {r.step: r.status for r in guard.history}
+    assert statuses[3] == "certified" and statuses[6] == "rejected"
+    assert statuses[9] == "pending"
