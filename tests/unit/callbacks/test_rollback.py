@@ -361,3 +361,16 @@ def test_certified_checkpoint_is_preferred_and_the_suspect_one_rejected(tmp_path
     statuses = {r.step: r.status for r in guard.history}
     assert statuses[3] == "certified" and statuses[6] == "rejected"
     assert statuses[9] == "pending"
+
+
+def test_repeated_trigger_escalates_to_an_older_checkpoint(tmp_path: Path) -> None:
+    guard = RollbackCheckpoint(
+        dirpath=tmp_path, save_every_n_steps=3, escalate_within_steps=5, max_rollbacks=None
+    )
+    module = ToyPolicyModule(divergence=DivergenceSpec(at_step=7, kl=0.5, persistent=True))
+    fit([guard], max_steps=10, module=module)
+    assert [(e["at_step"], e["to_step"]) for e in guard.rollback_events] == [
+        (8, 6),
+        (9, 3),
+        (10, 3),
+    ]
