@@ -294,8 +294,15 @@ def _default_validate(model: Any) -> None:
     module = getattr(model, "model", model)
     if isinstance(module, torch.nn.Module):
         for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not _finite_in_chunks(tensor):
                 raise ValidationFailed(f"parameter {name!r} has non-finite values")
+
+
+def _finite_in_chunks(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
+    # torch.isfinite on a whole tensor allocates temporaries worth ~2x the tensor (measured:
+    # +121 MB for a 69 MB policy), which would break the 2.2x peak-memory bound of a reload.
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 class HotReloadManager(Generic[M]):
