@@ -150,7 +150,7 @@ def test_retention_keeps_a_checkpoint_while_a_rollback_is_reading_it(
     assert not fs.exists(_ckpt(1))
 
 
-def _nets() -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+def _nets() -> tuple[nn.Linear, nn.Linear, torch.optim.Optimizer]:
     torch.manual_seed(0)
     policy, value = nn.Linear(8, 4), nn.Linear(8, 1)
     optimizer = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=1e-2)
@@ -285,3 +285,47 @@ def test_a_disk_that_fills_up_during_the_history_rewrite_leaves_a_readable_histo
     fresh = CheckpointStore(ROOT, fs=fs, read_only=True)
     assert {1, 3} <= {r.step for r in fresh.records()}
     assert all(fresh.verify(r) for r in fresh.records())
+
+
+def test_pipelined_saves_with_reused_staging_buffers_each_write_their_own_step(
+    fs: FaultyMemoryFileSystem,
+) -> None:
+    """Saves keep coming while earlier ones are still being written, and staging buffers are
+    recycled: every file must still hold the state of its own step, and the in-memory snapshot
+    must still hold the newest one."""
+    manager = CheckpointManager(ROOT, save_interval=5, max_checkpoints=10, fs=fs, observers=[])
+    policy, value, optimizer = _nets()
+    weights_at: dict[int, torch.Tensor] = {}
+
+    def train_and_save(step: int) -> None:
+        _train_step(policy, value, optimizer)
+        weights_at[step] = policy.weight.detach().clone()
+        manager.save_checkpoint(step, policy, value, optimizer, loss=0.5, reward=20.0)
+
+    try:
+        fs.write_gate = threading.Event()
+        train_and_save(5)  # held in the writer at the gate
+        assert fs.write_waiting.wait(WAIT_S)
+        train_and_save(10)  # queued
+        third, result = _run_in_thread(lambda: train_and_save(15))  # staged, waits to queue
+        third.join(BLOCKED_PROBE_S)
+        fs.write_gate.set()
+        third.join(WAIT_S)
+        assert "error" not in result, result
+        for step in (20, 25, 30, 35):  # buffers of finished writes get reused from here on
+            train_and_save(step)
+        records = manager.list_checkpoints()
+        assert [r.step for r in records] == [5, 10, 15, 20, 25, 30, 35]
+        for record in records:
+            stored = manager.store.load(record)["policy_state_dict"]["weight"]
+            assert torch.equal(stored, weights_at[record.step]), f"step {record.step}"
+
+        _train_step(policy, value, optimizer)
+        assert manager.check_rollback(36, 1.2, 20.0).should_rollback
+        restored = manager.rollback(policy, value, optimizer)
+        assert restored is not None and restored.step == 35
+        assert torch.equal(policy.weight, weights_at[35])
+    finally:
+        if fs.write_gate is not None:
+            fs.write_gate.set()
+        manager.close()
