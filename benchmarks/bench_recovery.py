@@ -22,7 +22,7 @@ from lightning_fragrance.cli.train import TrainingResult, find_config_dir, run_t
 
 UPDATES = 100
 FAULT_STEP = 50
-SAVE_EVERY = 20
+SAVE_EVERY = 10
 SEED = 0
 
 
