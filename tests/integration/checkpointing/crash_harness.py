@@ -14,6 +14,7 @@ import json
 import os
 import select
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,6 +155,16 @@ class ForkedChild:
                 return None
             data += chunk
         return data.decode().strip()
+
+    def exited_within(self, timeout_s: float) -> bool:
+        """Whether the child exited (its end of the pipe closed) within the timeout; lines it
+        wrote meanwhile are discarded."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.read_fd], [], [], left)
+            if ready and not os.read(self.read_fd, 4096):
+                return True
+        return False
 
     def kill_and_reap(self, sig: int) -> int:
         with contextlib.suppress(ProcessLookupError):
