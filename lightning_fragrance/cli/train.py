@@ -133,8 +133,23 @@ def build_components(
     logger: Any = False
     if isinstance(logger_cfg, DictConfig) and "_target_" in logger_cfg:
         logger = instantiate(logger_cfg, _convert_="all")
+    _connect_checkpoint_observers(logger, callbacks)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all")
     return module, trainer, history, callbacks
+
+
+def _connect_checkpoint_observers(logger: Any, callbacks: Sequence[Any]) -> None:
+    """Let a logger that reports checkpoint events (`PrometheusLogger.checkpoint_observer`)
+    hear every guard's saves, rollbacks and write errors, so a Hydra user gets
+    `checkpoint_*` metrics by choosing `logger=prometheus`, with no code."""
+    from lightning_fragrance.callbacks import RollbackCheckpoint
+
+    observer = getattr(logger, "checkpoint_observer", None)
+    if observer is None:
+        return
+    for callback in callbacks:
+        if isinstance(callback, RollbackCheckpoint):
+            callback.observers.observers.append(observer)
 
 
 def _baselines(cfg: DictConfig) -> dict[str, float]:
