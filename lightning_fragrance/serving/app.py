@@ -207,17 +207,23 @@ class RequestGuardMiddleware:
             return
 
         received = 0
+        too_large = False
 
         async def limited_receive() -> Any:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge(received)
+                    # Tell the app the client went away (it stops reading); our 422 replaces
+                    # whatever it answers. Raising instead would surface as FastAPI's 400.
+                    too_large = True
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Any) -> None:
+            if too_large:
+                return
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 headers = list(message.get("headers", []))
@@ -230,9 +236,13 @@ class RequestGuardMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge as exc:
+        except Exception:
+            if not too_large:
+                self._record(state, scope, 500, start)
+                raise
+        if too_large:
             status["code"] = 422
-            await _send_json(send, 422, _too_large(exc.size, limit))
+            await _send_json(send, 422, _too_large(received, limit))
         self._record(state, scope, status["code"], start)
 
     @staticmethod
@@ -245,12 +255,6 @@ class RequestGuardMiddleware:
             state.collector.record_api_request(
                 endpoint, scope["method"], code, time.perf_counter() - start
             )
-
-
-class _BodyTooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
 
 
 def _content_length(scope: MutableMapping[str, Any]) -> int | None:

@@ -406,3 +406,17 @@ def test_metrics_count_requests_by_route_template_and_show_the_model(
     assert 'api_request_total{endpoint="/dna/create",method="POST",status="200"} 1.0' in text
     assert 'api_request_total{endpoint="/dna/create",method="POST",status="422"} 1.0' in text
     assert f'model_info{{role="current",version="{V1}"}} 1.0' in text
+
+
+def test_a_chunked_body_over_the_limit_gets_422(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"user_text": "'
+        for _ in range(40):
+            yield b"citrus " * 100
+        yield b'"}'
+
+    response = client.post(
+        "/dna/create", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "max_body_bytes" in response.json()["detail"]
