@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from tokenizers import AddedToken, ByteLevelBPETokenizer
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from lightning_fragrance.fragrance import parse_brief
+from lightning_fragrance.fragrance import Intensity, Mood, Season, parse_brief
 from lightning_fragrance.fragrance.catalog import Family
 from lightning_fragrance.monitoring import BriefMode, OperationsMetricsCollector
 from lightning_fragrance.serving.brief import (
@@ -28,6 +28,7 @@ from lightning_fragrance.serving.brief import (
     LLMBriefGenerator,
     RepairKind,
     RuleBasedBriefGenerator,
+    build_system_prompt,
     classify_repairs,
     interpret_llm_output,
     primary_repair,
@@ -123,6 +124,13 @@ def test_schema_violations_fall_back_to_the_rules_with_the_reason() -> None:
     assert result.source is BriefSource.RULES_FALLBACK
     assert result.error is not None and "Brief schema" in result.error
     assert result.brief == parse_brief(text)
+
+
+def test_the_prompt_lists_every_value_the_brief_schema_allows() -> None:
+    prompt = build_system_prompt()
+    for enum in (Family, Intensity, Mood, Season):
+        for member in enum:
+            assert member.value in prompt, (enum.__name__, member.value)
 
 
 def test_rule_based_generator_returns_the_reference_parser_brief() -> None:
