@@ -796,15 +796,14 @@ class HotReloadManager(Generic[M]):
         log.info("[%s] stopped", worker.name)
 
     def _finish(
-        self, record: ReloadRecord, result: ReloadResult | None, *, error: dict[str, str] | None
+        self, record: ReloadRecord, result: ReloadResult, *, error: dict[str, str] | None
     ) -> None:
-        if result is not None and result not in (ReloadResult.SUCCESS, ReloadResult.ROLLED_BACK):
+        if result not in (ReloadResult.SUCCESS, ReloadResult.ROLLED_BACK):
             record.phase = ReloadPhase.FAILED
         record.result = result
         record.error = error
         record.finished_at = time.time()
-        if result is not None:
-            self.observer.on_reload(result)
+        self.observer.on_reload(result)
         record.done.set()
 
 
