@@ -2,49 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
+
+# The tests here import their shared module (`serving_server`) by name under any import mode;
+# the `ppo_checkpoints` fixture comes from tests/conftest.py.
+sys.path.insert(0, str(Path(__file__).parent))
 from serving_server import ServerProcess, start_server
-
-from lightning_fragrance.rl import PPO
-
-ENV_ID = "lightning_fragrance.fragrance:FragranceFormulation-v0"
-
-
-@pytest.fixture(scope="session")
-def ppo_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two Lightning checkpoints (after update 1 and 2) of a tiny PPO from a real Trainer.fit."""
-    directory = tmp_path_factory.mktemp("ckpts")
-    model = PPO(
-        env_id=ENV_ID,
-        num_envs=2,
-        rollout_steps=8,
-        minibatch_size=16,
-        update_epochs=1,
-        hidden_sizes=[16, 16],
-    )
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=directory,
-                filename="step{step}",
-                every_n_train_steps=1,
-                save_top_k=-1,
-                auto_insert_metric_name=False,
-            )
-        ],
-    )
-    trainer.fit(model)
-    return sorted(directory.glob("*.ckpt"))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Fixtures for the serving unit tests: real PPO checkpoints from a short real Trainer.fit."""
+"""Fixtures shared across the test tree."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_fragrance.rl import PPO
 
-ENV_ID = "lightning_fragrance.fragrance:FragranceFormulation-v0"
+FRAGRANCE_ENV_ID = "lightning_fragrance.fragrance:FragranceFormulation-v0"
 
 
 @pytest.fixture(scope="session")
 def ppo_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two Lightning checkpoints (after update 1 and 2) of a tiny PPO on the fragrance task."""
+    """Two Lightning checkpoints (after update 1 and 2) of a tiny PPO on the fragrance task,
+    written by a short real `Trainer.fit` (the serving tests export and load them)."""
     directory = tmp_path_factory.mktemp("ckpts")
     model = PPO(
-        env_id=ENV_ID,
+        env_id=FRAGRANCE_ENV_ID,
         num_envs=2,
         rollout_steps=8,
         minibatch_size=16,
