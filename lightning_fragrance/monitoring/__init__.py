@@ -2,18 +2,18 @@
 
 The Lightning logger lives in ``lightning_fragrance.loggers``; the Grafana dashboard, Prometheus
 config and alert rules in ``monitoring/`` at the repository root.
+
+The catalogue's vocabularies (plain enums) import eagerly; the collector and the checkpoint
+observer, which import prometheus_client, load on first use (PEP 562). So the serving manager
+can share the catalogue's enums without importing prometheus_client, whose multiprocess mode is
+fixed when it is first imported (``PROMETHEUS_MULTIPROC_DIR`` must be set before that).
 """
 
-from lightning_fragrance.monitoring.checkpoint_observer import (
-    PrometheusCheckpointObserver,
-    normalise_rollback_reason,
-)
-from lightning_fragrance.monitoring.collector import (
-    ApiRequestOutcome,
-    BriefOutcome,
-    OperationsMetricsCollector,
-    multiprocess_dir,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lightning_fragrance.monitoring.metrics import (
     CATALOGUE,
     BriefMode,
@@ -26,6 +26,41 @@ from lightning_fragrance.monitoring.metrics import (
     RepairType,
     RollbackReason,
 )
+
+if TYPE_CHECKING:
+    from lightning_fragrance.monitoring.checkpoint_observer import (
+        PrometheusCheckpointObserver,
+        normalise_rollback_reason,
+    )
+    from lightning_fragrance.monitoring.collector import (
+        ApiRequestOutcome,
+        BriefOutcome,
+        OperationsMetricsCollector,
+        multiprocess_dir,
+    )
+
+_LAZY: dict[str, str] = {
+    "ApiRequestOutcome": "lightning_fragrance.monitoring.collector",
+    "BriefOutcome": "lightning_fragrance.monitoring.collector",
+    "OperationsMetricsCollector": "lightning_fragrance.monitoring.collector",
+    "multiprocess_dir": "lightning_fragrance.monitoring.collector",
+    "PrometheusCheckpointObserver": "lightning_fragrance.monitoring.checkpoint_observer",
+    "normalise_rollback_reason": "lightning_fragrance.monitoring.checkpoint_observer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CATALOGUE",

@@ -73,12 +73,19 @@ class RollbackReason(str, Enum):
 
 
 class ReloadResult(str, Enum):
-    """Outcome of one hot reload (``model_reload_total{result}``)."""
+    """Outcome of one hot reload or rollback (``model_reload_total{result}``).
+
+    The serving ``HotReloadManager`` uses this enum itself (serving may import the monitoring
+    engine, never the reverse), so a result the manager can reach always has a label here.
+    """
 
     SUCCESS = "success"
     LOAD_FAILED = "load_failed"
     VALIDATION_FAILED = "validation_failed"
     WARMUP_FAILED = "warmup_failed"
+    # The previous version serves again: POST /admin/model/rollback or the automatic revert on
+    # the new version's error rate. Not a failure of the reload machinery, so not "failed".
+    ROLLED_BACK = "rolled_back"
     REJECTED = "rejected"  # another reload was in progress (HTTP 409) or the request was invalid
 
 

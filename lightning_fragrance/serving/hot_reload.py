@@ -34,6 +34,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+# The outcome vocabulary is the metric catalogue's own (one source of truth for the manager and
+# model_reload_total{result}); metrics.py is plain enums, no prometheus_client import.
+from lightning_fragrance.monitoring.metrics import ReloadResult
+
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
@@ -61,16 +65,6 @@ class WorkerStatus(str, Enum):
     STANDBY = "standby"  # drained, kept warm for a fast rollback
     STOPPED = "stopped"
     FAILED = "failed"
-
-
-class ReloadResult(str, Enum):
-    """Outcome of a reload; the value is the ``model_reload_total{result}`` label."""
-
-    SUCCESS = "success"
-    LOAD_FAILED = "load_failed"
-    VALIDATION_FAILED = "validation_failed"
-    WARMUP_FAILED = "warmup_failed"
-    ROLLED_BACK = "rolled_back"
 
 
 class DrainTimeoutAction(str, Enum):

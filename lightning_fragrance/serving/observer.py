@@ -34,13 +34,8 @@ class CollectorReloadObserver:
             log.debug("phase %s is not in the metric catalogue", phase.value)
 
     def on_reload(self, result: ReloadResult) -> None:
-        """Count ``model_reload_total{result}``."""
-        try:
-            self.collector.record_model_reload(result.value)
-        except ValueError:
-            # A catalogue without "rolled_back": a rollback is a successful reload (to an
-            # earlier version), so it is counted as one rather than lost.
-            self.collector.record_model_reload(ReloadResult.SUCCESS.value)
+        """Count ``model_reload_total{result}`` (``rolled_back`` for a rollback or revert)."""
+        self.collector.record_model_reload(result)
 
     def on_model_info(self, role: str, version: str, value: float) -> None:
         """Keep ``model_info{role,version}`` in step with the worker roles."""

@@ -362,7 +362,7 @@ def test_a_bad_export_fails_the_reload_with_a_reason_and_the_old_version_keeps_s
 def test_rollback_returns_to_the_previous_version_and_moves_current_back(
     export_dir: Path,
 ) -> None:
-    test_client, _ = make_client(export_dir, keep_previous_s=30.0)
+    test_client, collector = make_client(export_dir, keep_previous_s=30.0)
     with test_client:
         wait_reload(test_client, client_reload(test_client, V2))
         wait_for(lambda: read_current(export_dir) == V2)
@@ -370,6 +370,9 @@ def test_rollback_returns_to_the_previous_version_and_moves_current_back(
         assert response.status_code == 202
         record = wait_reload(test_client, response.json()["reload_id"])
         assert record["result"] == "rolled_back" and record["to_version"] == V1
+        reloads = collector.registry.get_sample_value
+        assert reloads("model_reload_total", {"result": "rolled_back"}) == 1.0
+        assert reloads("model_reload_total", {"result": "success"}) == 1.0
         assert create(test_client).headers["X-Model-Version"] == V1
         wait_for(lambda: read_current(export_dir) == V1)
 

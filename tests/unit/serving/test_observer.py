@@ -1,0 +1,94 @@
+"""CollectorReloadObserver: a real HotReloadManager's events land in the catalogued metrics."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from lightning_fragrance import monitoring, serving
+from lightning_fragrance.monitoring import MetricGroup, OperationsMetricsCollector
+from lightning_fragrance.serving.hot_reload import HotReloadManager
+from lightning_fragrance.serving.observer import CollectorReloadObserver
+
+
+class Tiny(nn.Module):
+    """A one-layer net that remembers the version it was loaded as."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__()
+        self.version = version
+        self.layer = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def load(version: str | None) -> Tiny:
+    return Tiny(version or "v0")
+
+
+def warmup(model: Tiny) -> torch.Tensor:
+    return model(torch.ones(1, 2))
+
+
+def make(**kwargs: object) -> tuple[HotReloadManager[Tiny], CollectorRegistry]:
+    registry = CollectorRegistry()
+    collector = OperationsMetricsCollector(registry, groups=frozenset({MetricGroup.RELOAD}))
+    manager: HotReloadManager[Tiny] = HotReloadManager(
+        load,
+        warmup_func=warmup,
+        warmup_steps=1,
+        drain_timeout=1.0,
+        observer=CollectorReloadObserver(collector),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    manager.initialize_first_worker("v1")
+    return manager, registry
+
+
+def reloads(registry: CollectorRegistry, result: str) -> float:
+    value = registry.get_sample_value("model_reload_total", {"result": result})
+    assert value is not None, f"model_reload_total{{result={result!r}}} is not exported"
+    return value
+
+
+def test_the_manager_and_the_metric_share_one_result_vocabulary() -> None:
+    assert serving.ReloadResult is monitoring.ReloadResult
+
+
+def test_an_admin_rollback_is_counted_as_rolled_back_not_as_success() -> None:
+    manager, registry = make(keep_previous_s=30.0)
+    assert manager.reload("v2")
+    assert manager.rollback(reason="manual")
+    assert reloads(registry, "success") == 1.0
+    assert reloads(registry, "rolled_back") == 1.0
+
+
+def test_a_rollback_that_reloads_the_previous_version_is_counted_as_rolled_back() -> None:
+    manager, registry = make()  # no standby kept: the rollback loads v1 again
+    assert manager.reload("v2")
+    assert manager.rollback()
+    assert reloads(registry, "success") == 1.0
+    assert reloads(registry, "rolled_back") == 1.0
+
+
+def test_the_automatic_revert_on_errors_is_counted_as_rolled_back() -> None:
+    manager, registry = make(keep_previous_s=30.0, revert_error_rate=0.5, revert_min_requests=2)
+    assert manager.reload("v2")
+
+    def broken(model: Tiny) -> str:
+        raise ValueError("decoder blew up")
+
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            manager.serve(broken)
+    deadline = time.monotonic() + 10
+    while reloads(registry, "rolled_back") == 0.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reloads(registry, "rolled_back") == 1.0
+    assert reloads(registry, "success") == 1.0
+    assert manager.current_version == "v1"
