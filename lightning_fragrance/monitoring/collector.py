@@ -39,6 +39,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from lightning_fragrance.monitoring.metrics import (
     BRIEF_STATUSES,
     HTTP_METHODS,
+    RELOAD_TIMED_PHASES,
     SAVE_PHASES,
     SAVE_RESULTS,
     BriefMode,
@@ -285,7 +286,7 @@ class OperationsMetricsCollector:
         if MetricGroup.RELOAD in self.groups:
             for reload_result in ReloadResult:
                 self._child("model_reload_total", (reload_result.value,))
-            for reload_phase in ReloadPhase:
+            for reload_phase in RELOAD_TIMED_PHASES:
                 self._child("model_reload_phase_seconds", (reload_phase.value,))
         if MetricGroup.LOGGER in self.groups:
             self._metric("rl_logger_push_errors_total")
@@ -669,5 +670,5 @@ _BRIEF_MODES = _enum_values(BriefMode)
 _REPAIR_TYPES = _enum_values(RepairType)
 _ROLLBACK_REASONS = _enum_values(RollbackReason)
 _RELOAD_RESULTS = _enum_values(ReloadResult)
-_RELOAD_PHASES = _enum_values(ReloadPhase)
+_RELOAD_PHASES = tuple(phase.value for phase in RELOAD_TIMED_PHASES)
 _MODEL_ROLES = _enum_values(ModelRole)

@@ -90,13 +90,26 @@ class ReloadResult(str, Enum):
 
 
 class ReloadPhase(str, Enum):
-    """Timed phases of a hot reload (DESIGN.md §7)."""
+    """Phases of a hot reload, in order (DESIGN.md §7); ``FAILED`` ends one that did not switch.
+
+    The serving ``HotReloadManager`` uses this enum itself, so every phase it times has a label
+    in ``model_reload_phase_seconds{phase}`` (``RELOAD_TIMED_PHASES``). ``FAILED`` is a terminal
+    state, not a duration, and is not a label value: failures are counted by
+    ``model_reload_total{result}``.
+    """
 
     LOADING = "loading"
     VALIDATING = "validating"
     WARMING = "warming"
     SWITCHING = "switching"
     DRAINING = "draining"
+    STOPPED = "stopped"  # releasing the old worker's memory (drop, malloc_trim, maybe a GC pass)
+    FAILED = "failed"
+
+
+RELOAD_TIMED_PHASES: tuple[ReloadPhase, ...] = tuple(
+    phase for phase in ReloadPhase if phase is not ReloadPhase.FAILED
+)
 
 
 class ModelRole(str, Enum):
@@ -351,7 +364,7 @@ _CATALOGUE: tuple[MetricSpec, ...] = (
         "Duration of each hot-reload phase.",
         MetricGroup.RELOAD,
         ("phase",),
-        {"phase": _values(ReloadPhase)},
+        {"phase": tuple(phase.value for phase in RELOAD_TIMED_PHASES)},
         buckets=RELOAD_PHASE_BUCKETS,
     ),
     MetricSpec(

@@ -34,26 +34,15 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
-# The outcome vocabulary is the metric catalogue's own (one source of truth for the manager and
-# model_reload_total{result}); metrics.py is plain enums, no prometheus_client import.
-from lightning_fragrance.monitoring.metrics import ReloadResult
+# The phase and outcome vocabularies are the metric catalogue's own (one source of truth for the
+# manager, model_reload_phase_seconds{phase} and model_reload_total{result}); metrics.py is
+# plain enums and imports no prometheus_client.
+from lightning_fragrance.monitoring.metrics import ReloadPhase, ReloadResult
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
 R = TypeVar("R")
-
-
-class ReloadPhase(str, Enum):
-    """Phases of one reload, in order; ``FAILED`` ends a reload that did not switch."""
-
-    LOADING = "loading"
-    VALIDATING = "validating"
-    WARMING = "warming"
-    SWITCHING = "switching"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 class WorkerStatus(str, Enum):

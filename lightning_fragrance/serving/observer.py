@@ -6,12 +6,8 @@ Prometheus; this adapter is the one place that knows the collector's recorders.
 
 from __future__ import annotations
 
-import logging
-
 from lightning_fragrance.monitoring import OperationsMetricsCollector
 from lightning_fragrance.serving.hot_reload import DrainTimeoutAction, ReloadPhase, ReloadResult
-
-log = logging.getLogger(__name__)
 
 
 class CollectorReloadObserver:
@@ -26,12 +22,8 @@ class CollectorReloadObserver:
         self.drain_timeouts: dict[str, int] = {}
 
     def on_phase(self, phase: ReloadPhase, seconds: float) -> None:
-        """Observe ``model_reload_phase_seconds{phase}``; phases the catalogue lacks are skipped."""
-        try:
-            self.collector.record_reload_phase(phase.value, seconds)
-        except ValueError:
-            # STOPPED is not a timed phase of the catalogue (its time is the memory release).
-            log.debug("phase %s is not in the metric catalogue", phase.value)
+        """Observe ``model_reload_phase_seconds{phase}`` (every phase the manager times)."""
+        self.collector.record_reload_phase(phase, seconds)
 
     def on_reload(self, result: ReloadResult) -> None:
         """Count ``model_reload_total{result}`` (``rolled_back`` for a rollback or revert)."""

@@ -47,6 +47,11 @@ def test_known_label_combinations_exist_at_zero_before_any_traffic(
 ) -> None:
     assert value(registry, "llm_brief_total", mode="fast", status="failure") == 0
     assert value(registry, "model_reload_total", result="warmup_failed") == 0
+    assert value(registry, "model_reload_total", result="rolled_back") == 0
+    assert value(registry, "model_reload_phase_seconds_count", phase="stopped") == 0
+    assert (
+        registry.get_sample_value("model_reload_phase_seconds_count", {"phase": "failed"}) is None
+    )
     assert value(registry, "checkpoint_rollbacks_total", reason="kl_spike") == 0
 
 
@@ -103,6 +108,8 @@ def test_an_exception_inside_track_llm_brief_counts_a_failure_and_propagates(
         (lambda c: c.record_rollback("bad_luck"), "allowed values are kl_spike"),
         (lambda c: c.record_model_reload("exploded"), "allowed values are success"),
         (lambda c: c.record_reload_phase("dancing", 1.0), "allowed values are loading"),
+        # FAILED ends a reload; it is a state, not a timed phase (model_reload_total counts it).
+        (lambda c: c.record_reload_phase("failed", 1.0), "allowed values are loading"),
         (lambda c: c.set_model_version("v1", "primary"), "allowed values are current, draining"),
         (lambda c: c.set_model_version("../etc", "current"), "version"),
         (lambda c: c.record_checkpoint_save(-1.0), ">= 0"),

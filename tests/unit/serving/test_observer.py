@@ -92,3 +92,19 @@ def test_the_automatic_revert_on_errors_is_counted_as_rolled_back() -> None:
     assert reloads(registry, "rolled_back") == 1.0
     assert reloads(registry, "success") == 1.0
     assert manager.current_version == "v1"
+
+
+def test_the_manager_and_the_metric_share_one_phase_vocabulary() -> None:
+    assert serving.ReloadPhase is monitoring.ReloadPhase
+
+
+def test_every_phase_of_a_reload_is_timed_including_the_old_workers_stop() -> None:
+    manager, registry = make()  # no standby kept: the old worker stops inside the reload
+    before = {
+        phase: registry.get_sample_value("model_reload_phase_seconds_count", {"phase": phase})
+        for phase in ("loading", "validating", "warming", "switching", "draining", "stopped")
+    }
+    assert manager.reload("v2")
+    for phase, count in before.items():
+        after = registry.get_sample_value("model_reload_phase_seconds_count", {"phase": phase})
+        assert after == (count or 0.0) + 1.0, phase
