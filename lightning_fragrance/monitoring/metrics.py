@@ -46,13 +46,29 @@ class BriefMode(str, Enum):
 
 
 class RepairType(str, Enum):
-    """How an LLM answer had to be repaired before it became a valid brief."""
+    """How an LLM answer had to be repaired before it became a valid brief.
 
-    JSON_SYNTAX = "json_syntax"  # json-repair fixed broken JSON
+    The one vocabulary of ``llm_brief_repairs_total{repair_type}``: the serving brief stage's
+    classifier (``lightning_fragrance.serving.brief.classify_repairs``) returns these members,
+    so what it names is what the metric counts. A closed enum keeps the label bounded
+    (13 values x 3 modes = 39 series); a defect no class explains is ``json_syntax``.
+    """
+
+    # Defects of the JSON text, most severe first (the brief stage counts the first one found).
+    TRUNCATED = "truncated"  # the answer stopped before the object closed
+    SINGLE_QUOTES = "single_quotes"  # {'a': 'b'}
+    UNQUOTED_KEYS = "unquoted_keys"  # {a: 1}
+    TRAILING_COMMA = "trailing_comma"  # {"a": 1,}
+    PYTHON_LITERALS = "python_literals"  # True / False / None
+    COMMENTS = "comments"  # // or /* */ inside the object
+    CODE_FENCE = "code_fence"  # ```json ... ``` around the object
+    SURROUNDING_TEXT = "surrounding_text"  # prose before or after the object
+    JSON_SYNTAX = "json_syntax"  # json-repair fixed a syntax defect none of the above explains
+    # Defects of the content, and the last resort.
     MISSING_FIELDS = "missing_fields"  # required fields filled with defaults
     INVALID_VALUES = "invalid_values"  # out-of-range values clamped or replaced
     RULE_FALLBACK = "rule_fallback"  # the LLM answer was unusable: rule-based parser used
-    OTHER = "other"
+    OTHER = "other"  # repaired, but the caller gave no type
 
 
 class RollbackReason(str, Enum):

@@ -11,7 +11,8 @@ Two implementations of one ``BriefGenerator`` protocol:
 
 The repair itself is done by ``json-repair`` (a maintained parser that handles far more broken
 JSON than a regex could), but it does not report what it fixed, so ``classify_repairs`` looks at
-the raw text and names the defects for ``llm_brief_repairs_total{repair_type}``.
+the raw text and names the defects with the metric catalogue's ``RepairType``, the vocabulary of
+``llm_brief_repairs_total{repair_type}``.
 """
 
 from __future__ import annotations
@@ -45,32 +46,20 @@ class BriefSource(str, Enum):
     RULES_FALLBACK = "rules_fallback"
 
 
-class RepairKind(str, Enum):
-    """A defect found in an LLM answer before it could be parsed as the brief's JSON."""
-
-    CODE_FENCE = "code_fence"  # ```json ... ``` around the object
-    SURROUNDING_TEXT = "surrounding_text"  # prose before or after the object
-    TRAILING_COMMA = "trailing_comma"  # {"a": 1,}
-    SINGLE_QUOTES = "single_quotes"  # {'a': 'b'}
-    UNQUOTED_KEYS = "unquoted_keys"  # {a: 1}
-    PYTHON_LITERALS = "python_literals"  # True / False / None
-    COMMENTS = "comments"  # // or /* */ inside the object
-    TRUNCATED = "truncated"  # the answer stopped before the object closed
-    OTHER = "other"  # json-repair changed something none of the above explains
-
-
-# Severity order: the first kind found is the one counted in the metric (one repair_type per
-# brief keeps llm_brief_repairs_total comparable with llm_brief_total).
+# The defects are the metric catalogue's RepairType (one vocabulary for the classifier and
+# llm_brief_repairs_total{repair_type}). Severity order: the first kind found is the one counted
+# in the metric (one repair_type per brief keeps llm_brief_repairs_total comparable with
+# llm_brief_total); JSON_SYNTAX is what json-repair fixed that no named class explains.
 _SEVERITY = (
-    RepairKind.TRUNCATED,
-    RepairKind.SINGLE_QUOTES,
-    RepairKind.UNQUOTED_KEYS,
-    RepairKind.TRAILING_COMMA,
-    RepairKind.PYTHON_LITERALS,
-    RepairKind.COMMENTS,
-    RepairKind.CODE_FENCE,
-    RepairKind.SURROUNDING_TEXT,
-    RepairKind.OTHER,
+    RepairType.TRUNCATED,
+    RepairType.SINGLE_QUOTES,
+    RepairType.UNQUOTED_KEYS,
+    RepairType.TRAILING_COMMA,
+    RepairType.PYTHON_LITERALS,
+    RepairType.COMMENTS,
+    RepairType.CODE_FENCE,
+    RepairType.SURROUNDING_TEXT,
+    RepairType.JSON_SYNTAX,
 )
 
 
@@ -80,7 +69,7 @@ class BriefResult:
 
     brief: Brief
     source: BriefSource
-    repairs: tuple[RepairKind, ...] = ()
+    repairs: tuple[RepairType, ...] = ()
     raw_output: str | None = None
     error: str | None = None
 
@@ -111,16 +100,16 @@ _PY_LITERAL_RE = re.compile(r":\s*(True|False|None)\b")
 _COMMENT_RE = re.compile(r"(^|\s)//|/\*")
 
 
-def extract_json_candidate(text: str) -> tuple[str, list[RepairKind]]:
+def extract_json_candidate(text: str) -> tuple[str, list[RepairType]]:
     """The part of ``text`` that should be the JSON object, and the wrapping defects found."""
-    found: list[RepairKind] = []
+    found: list[RepairType] = []
     body = text.strip()
     fence = _FENCE_RE.search(body)
     if fence:
-        found.append(RepairKind.CODE_FENCE)
+        found.append(RepairType.CODE_FENCE)
         outside = (body[: fence.start()] + body[fence.end() :]).strip()
         if outside:
-            found.append(RepairKind.SURROUNDING_TEXT)
+            found.append(RepairType.SURROUNDING_TEXT)
         body = fence.group(1).strip()
     start = body.find("{")
     if start == -1:
@@ -128,8 +117,8 @@ def extract_json_candidate(text: str) -> tuple[str, list[RepairKind]]:
     end = _closing_index(body, start)
     candidate = body[start:] if end is None else body[start : end + 1]
     outside_text = (body[:start] + ("" if end is None else body[end + 1 :])).strip()
-    if outside_text and RepairKind.SURROUNDING_TEXT not in found:
-        found.append(RepairKind.SURROUNDING_TEXT)
+    if outside_text and RepairType.SURROUNDING_TEXT not in found:
+        found.append(RepairType.SURROUNDING_TEXT)
     return candidate, found
 
 
@@ -163,7 +152,7 @@ def _is_truncated(candidate: str) -> bool:
     return candidate.startswith("{") and _closing_index(candidate, 0) is None
 
 
-def classify_repairs(raw: str) -> tuple[str, list[RepairKind]]:
+def classify_repairs(raw: str) -> tuple[str, list[RepairType]]:
     """Name every defect of ``raw`` that stops ``json.loads``; return the candidate too.
 
     An empty list means the extracted candidate is valid JSON as it stands.
@@ -175,18 +164,18 @@ def classify_repairs(raw: str) -> tuple[str, list[RepairKind]]:
     except json.JSONDecodeError:
         pass
     checks = (
-        (RepairKind.TRUNCATED, _is_truncated(candidate)),
-        (RepairKind.SINGLE_QUOTES, bool(_SINGLE_QUOTED_RE.search(candidate))),
-        (RepairKind.UNQUOTED_KEYS, bool(_UNQUOTED_KEY_RE.search(candidate))),
-        (RepairKind.TRAILING_COMMA, bool(_TRAILING_COMMA_RE.search(candidate))),
-        (RepairKind.PYTHON_LITERALS, bool(_PY_LITERAL_RE.search(candidate))),
-        (RepairKind.COMMENTS, bool(_COMMENT_RE.search(candidate))),
+        (RepairType.TRUNCATED, _is_truncated(candidate)),
+        (RepairType.SINGLE_QUOTES, bool(_SINGLE_QUOTED_RE.search(candidate))),
+        (RepairType.UNQUOTED_KEYS, bool(_UNQUOTED_KEY_RE.search(candidate))),
+        (RepairType.TRAILING_COMMA, bool(_TRAILING_COMMA_RE.search(candidate))),
+        (RepairType.PYTHON_LITERALS, bool(_PY_LITERAL_RE.search(candidate))),
+        (RepairType.COMMENTS, bool(_COMMENT_RE.search(candidate))),
     )
     syntax = [kind for kind, hit in checks if hit]
-    return candidate, kinds + (syntax or [RepairKind.OTHER])
+    return candidate, kinds + (syntax or [RepairType.JSON_SYNTAX])
 
 
-def repair_json_object(raw: str) -> tuple[dict[str, Any] | None, list[RepairKind]]:
+def repair_json_object(raw: str) -> tuple[dict[str, Any] | None, list[RepairType]]:
     """Parse the JSON object in ``raw``, repairing it with json-repair when needed.
 
     Returns:
@@ -202,7 +191,7 @@ def repair_json_object(raw: str) -> tuple[dict[str, Any] | None, list[RepairKind
     return parsed, kinds
 
 
-def primary_repair(kinds: list[RepairKind] | tuple[RepairKind, ...]) -> RepairKind | None:
+def primary_repair(kinds: list[RepairType] | tuple[RepairType, ...]) -> RepairType | None:
     """The most severe defect, the one the metric counts."""
     for kind in _SEVERITY:
         if kind in kinds:
@@ -366,22 +355,13 @@ def record_brief_with_repair(
     collector: OperationsMetricsCollector,
     mode: BriefMode,
     seconds: float,
-    kind: RepairKind | None,
+    kind: RepairType | None,
 ) -> None:
-    """Record a successful LLM brief, labelling the repair with our classification.
-
-    The catalogue's ``RepairType`` may not list the fine-grained kinds yet; a kind it rejects is
-    counted as ``json_syntax`` (every kind here is a JSON syntax repair) rather than lost.
-    """
+    """Record a successful LLM brief, labelling the repair with the classifier's type."""
     if kind is None:
         collector.record_llm_brief(mode, True, seconds)
-        return
-    try:
-        collector.record_llm_brief(mode, True, seconds, repaired=True, repair_type=kind.value)
-    except ValueError:
-        collector.record_llm_brief(
-            mode, True, seconds, repaired=True, repair_type=RepairType.JSON_SYNTAX
-        )
+    else:
+        collector.record_llm_brief(mode, True, seconds, repaired=True, repair_type=kind)
 
 
 def interpret_llm_output(

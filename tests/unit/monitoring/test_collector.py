@@ -94,7 +94,7 @@ def test_an_exception_inside_track_llm_brief_counts_a_failure_and_propagates(
         (lambda c: c.record_llm_brief("fast", True, math.nan), "finite"),
         (
             lambda c: c.record_llm_brief("fast", True, 1.0, True, "magic"),
-            "allowed values are json_syntax",
+            "allowed values are truncated, single_quotes",
         ),
         (
             lambda c: c.record_api_request("/dna/create", "FETCH", 200, 0.1),

@@ -21,24 +21,24 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 from lightning_fragrance.fragrance import Intensity, Mood, Season, parse_brief
 from lightning_fragrance.fragrance.catalog import Family
-from lightning_fragrance.monitoring import BriefMode, OperationsMetricsCollector
+from lightning_fragrance.monitoring import BriefMode, OperationsMetricsCollector, RepairType
 from lightning_fragrance.serving.brief import (
     BriefSource,
     GenerationSettings,
     LLMBriefGenerator,
-    RepairKind,
     RuleBasedBriefGenerator,
     build_system_prompt,
     classify_repairs,
     interpret_llm_output,
     primary_repair,
+    record_brief_with_repair,
     repair_json_object,
 )
 
 VALID = {"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", "season": "summer"}
 
 # (raw answer, defects we must name, the object it must repair to)
-CORPUS: list[tuple[str, set[RepairKind], dict[str, object]]] = [
+CORPUS: list[tuple[str, set[RepairType], dict[str, object]]] = [
     (
         '{"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", "season": "summer"}',
         set(),
@@ -47,49 +47,49 @@ CORPUS: list[tuple[str, set[RepairKind], dict[str, object]]] = [
     (
         '```json\n{"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", '
         '"season": "summer"}\n```',
-        {RepairKind.CODE_FENCE},
+        {RepairType.CODE_FENCE},
         VALID,
     ),
     (
         'Here is the brief:\n```\n{"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", '
         '"season": "summer"}\n```\nEnjoy!',
-        {RepairKind.CODE_FENCE, RepairKind.SURROUNDING_TEXT},
+        {RepairType.CODE_FENCE, RepairType.SURROUNDING_TEXT},
         VALID,
     ),
     (
         '{"profile": {"citrus": 0.9, "woody": 0.4,}, "intensity": "edt", "season": "summer",}',
-        {RepairKind.TRAILING_COMMA},
+        {RepairType.TRAILING_COMMA},
         VALID,
     ),
     (
         "{'profile': {'citrus': 0.9, 'woody': 0.4}, 'intensity': 'edt', 'season': 'summer'}",
-        {RepairKind.SINGLE_QUOTES},
+        {RepairType.SINGLE_QUOTES},
         VALID,
     ),
     (
         '{"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", "season": "summer"',
-        {RepairKind.TRUNCATED},
+        {RepairType.TRUNCATED},
         VALID,
     ),
     (
         '{"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", "season": "summ',
-        {RepairKind.TRUNCATED},
+        {RepairType.TRUNCATED},
         {"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", "season": "summ"},
     ),
     (
         '{profile: {"citrus": 0.9, "woody": 0.4}, intensity: "edt", season: "summer"}',
-        {RepairKind.UNQUOTED_KEYS},
+        {RepairType.UNQUOTED_KEYS},
         VALID,
     ),
     (
         'Sure! {"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", "season": "summer"}',
-        {RepairKind.SURROUNDING_TEXT},
+        {RepairType.SURROUNDING_TEXT},
         VALID,
     ),
     (
         '{"profile": {"citrus": 0.9, "woody": 0.4}, "intensity": "edt", "season": "summer", '
         '"mood": None}',
-        {RepairKind.PYTHON_LITERALS},
+        {RepairType.PYTHON_LITERALS},
         {**VALID, "mood": None},
     ),
 ]
@@ -97,7 +97,7 @@ CORPUS: list[tuple[str, set[RepairKind], dict[str, object]]] = [
 
 @pytest.mark.parametrize(("raw", "kinds", "expected"), CORPUS)
 def test_repair_names_each_defect_and_recovers_the_object(
-    raw: str, kinds: set[RepairKind], expected: dict[str, object]
+    raw: str, kinds: set[RepairType], expected: dict[str, object]
 ) -> None:
     _, found = classify_repairs(raw)
     assert set(found) == kinds
@@ -108,12 +108,47 @@ def test_repair_names_each_defect_and_recovers_the_object(
 def test_an_answer_without_any_object_is_unrecoverable() -> None:
     obj, kinds = repair_json_object("I cannot help with that request.")
     assert obj is None
-    assert kinds == [RepairKind.OTHER]
+    assert kinds == [RepairType.JSON_SYNTAX]
 
 
 def test_primary_repair_prefers_truncation_over_wrapping() -> None:
-    assert primary_repair([RepairKind.CODE_FENCE, RepairKind.TRUNCATED]) is RepairKind.TRUNCATED
+    assert primary_repair([RepairType.CODE_FENCE, RepairType.TRUNCATED]) is RepairType.TRUNCATED
     assert primary_repair([]) is None
+
+
+@pytest.mark.parametrize(("raw", "kinds", "expected"), [case for case in CORPUS if case[1]])
+def test_the_metric_counts_the_classifiers_own_repair_type(
+    raw: str, kinds: set[RepairType], expected: dict[str, object]
+) -> None:
+    collector = _collector()
+    _, found = classify_repairs(raw)
+    kind = primary_repair(found)
+    assert kind is not None
+    record_brief_with_repair(collector, BriefMode.BALANCED, 0.1, kind)
+    labels = {"mode": "balanced", "repair_type": kind.value}
+    assert collector.registry.get_sample_value("llm_brief_repairs_total", labels) == 1.0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "truncated",
+        "single_quotes",
+        "unquoted_keys",
+        "trailing_comma",
+        "python_literals",
+        "comments",
+        "code_fence",
+        "surrounding_text",
+    ],
+)
+def test_each_syntax_repair_class_is_a_label_of_its_own(name: str) -> None:
+    collector = _collector()
+    record_brief_with_repair(collector, BriefMode.FAST, 0.1, RepairType(name))
+    for repair_type in (name, "json_syntax"):
+        labels = {"mode": "fast", "repair_type": repair_type}
+        expected = 1.0 if repair_type == name else 0.0
+        assert collector.registry.get_sample_value("llm_brief_repairs_total", labels) == expected
 
 
 def test_schema_violations_fall_back_to_the_rules_with_the_reason() -> None:
@@ -217,15 +252,15 @@ def test_scripted_llm_answer_is_repaired_validated_and_counted(scripted_llm_dir:
     generator = LLMBriefGenerator(scripted_llm_dir, collector=collector)
     result = generator.generate("a fresh citrus scent for summer", BriefMode.FAST)
     assert result.source is BriefSource.LLM_REPAIRED
-    assert {RepairKind.SINGLE_QUOTES, RepairKind.TRAILING_COMMA} <= set(result.repairs)
+    assert {RepairType.SINGLE_QUOTES, RepairType.TRAILING_COMMA} <= set(result.repairs)
     assert result.brief.profile[Family.CITRUS] == 0.9
     assert result.brief.intensity.value == "edt"
     assert _sample(collector, "llm_brief_total", mode="fast", status="success") == 1.0
-    repairs = sum(
-        _sample(collector, "llm_brief_repairs_total", mode="fast", repair_type=t)
-        for t in ("single_quotes", "json_syntax")
+    # The most severe defect, under its own name (not folded into json_syntax).
+    assert _sample(collector, "llm_brief_repairs_total", mode="fast", repair_type="single_quotes")
+    assert (
+        _sample(collector, "llm_brief_repairs_total", mode="fast", repair_type="json_syntax") == 0
     )
-    assert repairs == 1.0
 
 
 def test_a_short_generation_budget_truncates_and_the_repair_closes_the_object(
@@ -234,7 +269,7 @@ def test_a_short_generation_budget_truncates_and_the_repair_closes_the_object(
     settings = {mode: GenerationSettings(max_new_tokens=6, do_sample=False) for mode in BriefMode}
     generator = LLMBriefGenerator(scripted_llm_dir, mode_settings=settings)
     result = generator.generate("citrus", BriefMode.FAST)
-    assert RepairKind.TRUNCATED in result.repairs
+    assert RepairType.TRUNCATED in result.repairs
     assert result.source is BriefSource.LLM_REPAIRED
     assert result.brief.profile[Family.WOODY] == 0.4
 
