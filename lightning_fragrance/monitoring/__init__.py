@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_fragrance.monitoring.metrics import (
     CATALOGUE,
     BriefMode,
+    DrainTimeoutAction,
     MetricGroup,
     MetricSpec,
     MetricType,
@@ -67,6 +68,7 @@ __all__ = [
     "ApiRequestOutcome",
     "BriefMode",
     "BriefOutcome",
+    "DrainTimeoutAction",
     "MetricGroup",
     "MetricSpec",
     "MetricType",

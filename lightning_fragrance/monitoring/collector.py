@@ -43,6 +43,7 @@ from lightning_fragrance.monitoring.metrics import (
     SAVE_PHASES,
     SAVE_RESULTS,
     BriefMode,
+    DrainTimeoutAction,
     LossType,
     MetricGroup,
     MetricSpec,
@@ -288,6 +289,8 @@ class OperationsMetricsCollector:
                 self._child("model_reload_total", (reload_result.value,))
             for reload_phase in RELOAD_TIMED_PHASES:
                 self._child("model_reload_phase_seconds", (reload_phase.value,))
+            for action in DrainTimeoutAction:
+                self._child("model_reload_drain_timeout_requests_total", (action.value,))
         if MetricGroup.LOGGER in self.groups:
             self._metric("rl_logger_push_errors_total")
 
@@ -591,6 +594,23 @@ class OperationsMetricsCollector:
         finally:
             self.record_reload_phase(phase_value, time.perf_counter() - start)
 
+    def record_drain_timeout(self, requests: int, action: str | DrainTimeoutAction) -> None:
+        """Count requests that outlived a drain timeout and what was done with them.
+
+        Args:
+            requests: How many were still running on the old worker (>= 0).
+            action: ``leave_running`` (answered normally) or ``reject`` (answered 503).
+
+        Raises:
+            ValueError: Unknown action, or a negative or non-integer count.
+        """
+        child = self._vocabulary_child(
+            "model_reload_drain_timeout_requests_total", "action", action, _DRAIN_ACTIONS
+        )
+        if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
+            raise ValueError(f"requests must be an integer >= 0, got {requests!r}")
+        child.inc(requests)
+
     def set_model_version(self, version: str, role: str | ModelRole = ModelRole.CURRENT) -> None:
         """Mark ``version`` as holding ``role``; its other role (if any) drops to 0."""
         role_value = _choice("role", role, _MODEL_ROLES)
@@ -672,3 +692,4 @@ _ROLLBACK_REASONS = _enum_values(RollbackReason)
 _RELOAD_RESULTS = _enum_values(ReloadResult)
 _RELOAD_PHASES = tuple(phase.value for phase in RELOAD_TIMED_PHASES)
 _MODEL_ROLES = _enum_values(ModelRole)
+_DRAIN_ACTIONS = _enum_values(DrainTimeoutAction)

@@ -305,6 +305,21 @@ SECTIONS: Sequence[tuple[str, Sequence[Panel]]] = (
                 unit="s",
             ),
             Panel(
+                "Requests past the drain timeout",
+                [
+                    Query(
+                        "sum by (action) (increase("
+                        f"model_reload_drain_timeout_requests_total[{RATE}]))",
+                        "{{action}}",
+                    )
+                ],
+                thresholds=[(1.0, "orange")],
+                description=(
+                    "Requests still running on the old worker when its drain timed out: "
+                    "leave_running = answered normally, reject = answered 503 + Retry-After."
+                ),
+            ),
+            Panel(
                 "Model versions (1 = holds the role)",
                 [Query("max by (role, version) (model_info)", "", instant=True)],
                 kind="table",

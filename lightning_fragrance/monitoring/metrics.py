@@ -128,6 +128,20 @@ RELOAD_TIMED_PHASES: tuple[ReloadPhase, ...] = tuple(
 )
 
 
+class DrainTimeoutAction(str, Enum):
+    """What serving does with a request still running on the old worker at ``drain_timeout``.
+
+    The serving ``HotReloadManager``'s option (``drain_timeout_action``) and the label of
+    ``model_reload_drain_timeout_requests_total{action}``: one enum for both. Python cannot
+    interrupt a thread inside torch, so the request always runs to its end; ``LEAVE_RUNNING``
+    lets its answer through, ``REJECT`` replaces it with a retriable error (HTTP 503 +
+    ``Retry-After``).
+    """
+
+    LEAVE_RUNNING = "leave_running"
+    REJECT = "reject"
+
+
 class ModelRole(str, Enum):
     """Role of a model version in a serving process (``model_info{role}``)."""
 
@@ -382,6 +396,14 @@ _CATALOGUE: tuple[MetricSpec, ...] = (
         ("phase",),
         {"phase": tuple(phase.value for phase in RELOAD_TIMED_PHASES)},
         buckets=RELOAD_PHASE_BUCKETS,
+    ),
+    MetricSpec(
+        "model_reload_drain_timeout_requests_total",
+        MetricType.COUNTER,
+        "Requests still running on the old worker when its drain timed out, by what was done.",
+        MetricGroup.RELOAD,
+        ("action",),
+        {"action": _values(DrainTimeoutAction)},
     ),
     MetricSpec(
         "model_info",

@@ -34,10 +34,11 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
-# The phase and outcome vocabularies are the metric catalogue's own (one source of truth for the
-# manager, model_reload_phase_seconds{phase} and model_reload_total{result}); metrics.py is
-# plain enums and imports no prometheus_client.
-from lightning_fragrance.monitoring.metrics import ReloadPhase, ReloadResult
+# The phase, outcome and drain-timeout vocabularies are the metric catalogue's own (one source
+# of truth for the manager and the labels of model_reload_phase_seconds{phase},
+# model_reload_total{result} and model_reload_drain_timeout_requests_total{action}); metrics.py
+# is plain enums and imports no prometheus_client.
+from lightning_fragrance.monitoring.metrics import DrainTimeoutAction, ReloadPhase, ReloadResult
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,6 @@ class WorkerStatus(str, Enum):
     STANDBY = "standby"  # drained, kept warm for a fast rollback
     STOPPED = "stopped"
     FAILED = "failed"
-
-
-class DrainTimeoutAction(str, Enum):
-    """What happens to a request still running on the old worker at ``drain_timeout``.
-
-    Python cannot interrupt a thread inside torch, so the request always runs to its end;
-    ``LEAVE_RUNNING`` lets its answer through, ``REJECT`` replaces the answer with a retriable
-    error (HTTP 503 + ``Retry-After`` in the app). Either way it is counted.
-    """
-
-    LEAVE_RUNNING = "leave_running"
-    REJECT = "reject"
 
 
 class ReloadInProgress(RuntimeError):

@@ -38,7 +38,8 @@ class CollectorReloadObserver:
         # ("current", 0) is followed by ("draining", 1) for the same version, which moves it.
 
     def on_drain_timeout(self, remaining: int, action: DrainTimeoutAction) -> None:
-        """Count requests that outlived the drain timeout (also in ``GET /admin/model``)."""
+        """Count ``model_reload_drain_timeout_requests_total{action}``; ``GET /admin/model`` too."""
+        self.collector.record_drain_timeout(remaining, action)
         self.drain_timeouts[action.value] = self.drain_timeouts.get(action.value, 0) + remaining
 
     def on_inflight(self, worker: str, value: int) -> None:

@@ -56,6 +56,8 @@ def live(stack_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     collector.set_model_version("000002-step20", "current")
     collector.record_model_reload("success", {"validating": 0.05, "switching": 0.001})
     collector.record_model_reload("warmup_failed")
+    collector.record_model_reload("rolled_back", {"stopped": 0.02})
+    collector.record_drain_timeout(1, "reject")
     stop = threading.Event()
     rng = random.Random(0)
 

@@ -49,6 +49,8 @@ def test_known_label_combinations_exist_at_zero_before_any_traffic(
     assert value(registry, "model_reload_total", result="warmup_failed") == 0
     assert value(registry, "model_reload_total", result="rolled_back") == 0
     assert value(registry, "model_reload_phase_seconds_count", phase="stopped") == 0
+    for action in ("leave_running", "reject"):
+        assert value(registry, "model_reload_drain_timeout_requests_total", action=action) == 0
     assert (
         registry.get_sample_value("model_reload_phase_seconds_count", {"phase": "failed"}) is None
     )
@@ -111,6 +113,8 @@ def test_an_exception_inside_track_llm_brief_counts_a_failure_and_propagates(
         # FAILED ends a reload; it is a state, not a timed phase (model_reload_total counts it).
         (lambda c: c.record_reload_phase("failed", 1.0), "allowed values are loading"),
         (lambda c: c.set_model_version("v1", "primary"), "allowed values are current, draining"),
+        (lambda c: c.record_drain_timeout(1, "kill"), "allowed values are leave_running, reject"),
+        (lambda c: c.record_drain_timeout(-1, "reject"), ">= 0"),
         (lambda c: c.set_model_version("../etc", "current"), "version"),
         (lambda c: c.record_checkpoint_save(-1.0), ">= 0"),
     ],
@@ -208,8 +212,10 @@ def test_reload_and_checkpoint_recorders_feed_their_metrics(
     collector.record_checkpoint_save(0.01, 0.2)
     collector.record_checkpoint_error()
     collector.record_rollback("kl_spike")
+    collector.record_drain_timeout(3, "reject")
 
     assert value(registry, "model_reload_total", result="success") == 1
+    assert value(registry, "model_reload_drain_timeout_requests_total", action="reject") == 3
     assert value(registry, "model_reload_phase_seconds_count", phase="warming") == 1
     assert value(registry, "model_reload_phase_seconds_sum", phase="loading") == 0.5
     assert value(registry, "checkpoint_saves_total", result="success") == 1

@@ -249,7 +249,7 @@ def test_a_request_slower_than_the_drain_timeout_is_handled_as_configured_and_co
     export_dir: Path, action: str
 ) -> None:
     slow = GatedBrief()
-    test_client, _ = make_client(
+    test_client, collector = make_client(
         export_dir, brief_generator=slow, drain_timeout_s=0.2, drain_timeout_action=action
     )
     with test_client:
@@ -269,6 +269,10 @@ def test_a_request_slower_than_the_drain_timeout_is_handled_as_configured_and_co
             assert response.status_code == 200 and response.headers["X-Model-Version"] == V1
         info = test_client.get("/admin/model", headers=AUTH).json()
         assert info["drain_timeouts"] == {action: 1}
+        counted = collector.registry.get_sample_value(
+            "model_reload_drain_timeout_requests_total", {"action": action}
+        )
+        assert counted == 1.0
 
 
 def client_reload(client: TestClient, version: str) -> str:

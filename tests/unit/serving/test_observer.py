@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -42,9 +43,8 @@ def make(**kwargs: object) -> tuple[HotReloadManager[Tiny], CollectorRegistry]:
         load,
         warmup_func=warmup,
         warmup_steps=1,
-        drain_timeout=1.0,
         observer=CollectorReloadObserver(collector),
-        **kwargs,  # type: ignore[arg-type]
+        **{"drain_timeout": 1.0, **kwargs},  # type: ignore[arg-type]
     )
     manager.initialize_first_worker("v1")
     return manager, registry
@@ -108,3 +108,26 @@ def test_every_phase_of_a_reload_is_timed_including_the_old_workers_stop() -> No
     for phase, count in before.items():
         after = registry.get_sample_value("model_reload_phase_seconds_count", {"phase": phase})
         assert after == (count or 0.0) + 1.0, phase
+
+
+@pytest.mark.parametrize("action", ["leave_running", "reject"])
+def test_a_request_past_the_drain_timeout_is_counted_by_action(action: str) -> None:
+    manager, registry = make(drain_timeout=0.05, drain_timeout_action=action)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(model: Tiny) -> str:
+        entered.set()
+        release.wait(10)
+        return model.version
+
+    request = threading.Thread(target=lambda: manager.serve(slow), daemon=True)
+    request.start()
+    assert entered.wait(10)
+    try:
+        assert manager.reload("v2")  # returns after the drain timed out with 1 request running
+    finally:
+        release.set()
+        request.join(10)
+    labels = {"action": action}
+    counted = registry.get_sample_value("model_reload_drain_timeout_requests_total", labels)
+    assert counted == 1.0
