@@ -1,6 +1,16 @@
-"""PPO for Gymnasium environments as a Lightning module, with its networks and statistics."""
+"""PPO for Gymnasium environments as a Lightning module, with its networks and statistics.
 
-from lightning_fragrance.rl.evaluation import evaluate_policy
+The networks and the rollout maths need torch alone and import eagerly. ``PPO`` and the
+helpers in ``ppo`` / ``evaluation`` import Lightning and Gymnasium, so they load on first
+attribute access (PEP 562): a serving process that only rebuilds ``PolicyNetwork`` from an
+export never pays Lightning's import (9-20 s per process on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lightning_fragrance.rl.networks import (
     PolicyNetwork,
     PolicySpec,
@@ -8,14 +18,41 @@ from lightning_fragrance.rl.networks import (
     ValueNetwork,
     build_policy_net,
 )
-from lightning_fragrance.rl.ppo import (
-    PPO,
-    NonFiniteActionError,
-    make_vector_env,
-    policy_from_state,
-    policy_spec_for_env,
-)
 from lightning_fragrance.rl.rollout import Rollout, clip_fraction, compute_gae, k3_kl
+
+if TYPE_CHECKING:
+    from lightning_fragrance.rl.evaluation import evaluate_policy
+    from lightning_fragrance.rl.ppo import (
+        PPO,
+        NonFiniteActionError,
+        make_vector_env,
+        policy_from_state,
+        policy_spec_for_env,
+    )
+
+# Names that need Lightning (or Gymnasium), with the module that defines them.
+_LAZY: dict[str, str] = {
+    "PPO": "lightning_fragrance.rl.ppo",
+    "NonFiniteActionError": "lightning_fragrance.rl.ppo",
+    "make_vector_env": "lightning_fragrance.rl.ppo",
+    "policy_from_state": "lightning_fragrance.rl.ppo",
+    "policy_spec_for_env": "lightning_fragrance.rl.ppo",
+    "evaluate_policy": "lightning_fragrance.rl.evaluation",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "PPO",

@@ -23,21 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -45,6 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+# The networks alone (torch): lightning_fragrance.rl loads PPO, and with it Lightning, lazily.
+from lightning_fragrance.rl.networks import build_policy_net
 
 log = logging.getLogger(__name__)
 
@@ -156,29 +155,8 @@ class ModelClass:
     state_dict_prefix: str = ""
 
 
-def _rl_networks() -> ModuleType:
-    """``lightning_fragrance.rl.networks`` without running ``lightning_fragrance/rl/__init__``.
-
-    The package's ``__init__`` imports the PPO LightningModule and with it Lightning: 9-20 s
-    per process on this 2-core machine, paid by every serving worker at start. The networks
-    module imports torch alone, so it is loaded from its file under its own name; a later
-    ``import lightning_fragrance.rl`` finds it in ``sys.modules`` and reuses the same module.
-    """
-    name = "lightning_fragrance.rl.networks"
-    if name in sys.modules or "lightning_fragrance.rl" in sys.modules:
-        return importlib.import_module(name)
-    path = Path(__file__).resolve().parent.parent / "rl" / "networks.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        return importlib.import_module(name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _policy_network(hparams: Mapping[str, Any]) -> nn.Module:
-    module: nn.Module = _rl_networks().build_policy_net(dict(hparams))
+    module: nn.Module = build_policy_net(dict(hparams))
     return module
 
 

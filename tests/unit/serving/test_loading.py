@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,28 @@ def test_set_current_refuses_a_version_that_does_not_exist(store: ExportStore) -
     with pytest.raises(ExportNotFoundError):
         store.set_current("000042-step1")
     assert store.current() == "000001-step1"
+
+
+_IMPORT_PROBE = """
+import sys
+import lightning_fragrance.serving.loading as loading
+from lightning_fragrance.rl import PolicyNetwork, build_policy_net
+from lightning_fragrance.rl.networks import PolicySpec
+assert loading.DEFAULT_MODEL_CLASS == "lightning_fragrance.rl.PolicyNetwork"
+print(sorted(m for m in sys.modules if m == "lightning" or m.startswith("lightning.")))
+import lightning_fragrance.rl as rl
+ppo = rl.PPO  # the Lightning module is still there, loaded on first use
+print("lightning" in sys.modules, ppo.__module__)
+"""
+
+
+def test_the_serving_loader_and_the_policy_networks_import_without_lightning() -> None:
+    # A fresh interpreter: this test process imported Lightning long ago. Serving workers pay
+    # every import at start, and Lightning is 9-20 s of it on a small machine.
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    before_ppo, after_ppo = done.stdout.strip().splitlines()
+    assert before_ppo == "[]", f"Lightning modules imported by serving: {before_ppo}"
+    assert after_ppo == "True lightning_fragrance.rl.ppo"
