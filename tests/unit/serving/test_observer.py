@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_fragrance import monitoring, serving
 from lightning_fragrance.monitoring import MetricGroup, OperationsMetricsCollector
-from lightning_fragrance.serving.hot_reload import HotReloadManager
+from lightning_fragrance.serving.hot_reload import DrainTimeoutExceeded, HotReloadManager
 from lightning_fragrance.serving.observer import CollectorReloadObserver
 
 
@@ -120,7 +120,15 @@ def test_a_request_past_the_drain_timeout_is_counted_by_action(action: str) -> N
         release.wait(10)
         return model.version
 
-    request = threading.Thread(target=lambda: manager.serve(slow), daemon=True)
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(manager.serve(slow))
+        except DrainTimeoutExceeded as exc:  # the reject action withholds the answer
+            outcome.append(exc)
+
+    request = threading.Thread(target=run, daemon=True)
     request.start()
     assert entered.wait(10)
     try:
@@ -128,6 +136,10 @@ def test_a_request_past_the_drain_timeout_is_counted_by_action(action: str) -> N
     finally:
         release.set()
         request.join(10)
+    if action == "reject":
+        assert len(outcome) == 1 and isinstance(outcome[0], DrainTimeoutExceeded)
+    else:
+        assert outcome == ["v1"]
     labels = {"action": action}
     counted = registry.get_sample_value("model_reload_drain_timeout_requests_total", labels)
     assert counted == 1.0
