@@ -8,6 +8,7 @@ schema.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -525,18 +526,27 @@ def _is_ascii(text: str) -> bool:
     return all(ord(ch) < 128 for ch in text)
 
 
-def _keyword_matches(text: str, keywords: list[str]) -> list[_Match]:
+@functools.lru_cache(maxsize=16)
+def _keyword_patterns(keywords: tuple[str, ...]) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """Each keyword with its compiled pattern, longest first (ties by text, so the result never
+    depends on set order). Compiled once: building them per request cost ~2 ms of a ~3.5 ms
+    `/dna/create` (measured with cProfile on the serving path)."""
+    ordered = sorted(set(keywords), key=lambda k: (-len(k), k))
+    # ASCII keywords need word boundaries ("lime" is not in "sublime"); Korean ones do not,
+    # because particles attach to the word ("장미향", "시트러스한").
+    return tuple(
+        (k, re.compile(rf"(?<![a-z]){re.escape(k)}(?![a-z])" if _is_ascii(k) else re.escape(k)))
+        for k in ordered
+    )
+
+
+def _keyword_matches(text: str, keywords: tuple[str, ...]) -> list[_Match]:
     """Non-overlapping keyword spans, longest keyword first ("rosemary" wins over "rose")."""
     spans: list[tuple[int, int, str]] = []
-    for keyword in sorted(set(keywords), key=len, reverse=True):
-        # ASCII keywords need word boundaries ("lime" is not in "sublime"); Korean ones do not,
-        # because particles attach to the word ("장미향", "시트러스한").
-        pattern = (
-            rf"(?<![a-z]){re.escape(keyword)}(?![a-z])"
-            if _is_ascii(keyword)
-            else (re.escape(keyword))
-        )
-        for found in re.finditer(pattern, text):
+    for keyword, pattern in _keyword_patterns(keywords):
+        if keyword not in text:  # a substring test is far cheaper than a regex scan
+            continue
+        for found in pattern.finditer(text):
             if all(found.end() <= s or found.start() >= e for s, e, _ in spans):
                 spans.append((found.start(), found.end(), keyword))
     spans.sort()
@@ -594,7 +604,7 @@ def parse_brief(text: str) -> Brief:
     all_keywords += [k for ks in _MOOD_KEYWORDS.values() for k in ks]
     all_keywords += [k for ks in _SEASON_KEYWORDS.values() for k in ks]
     all_keywords += [k for ks in _INTENSITY_KEYWORDS.values() for k in ks]
-    matches = _keyword_matches(lowered, all_keywords)
+    matches = _keyword_matches(lowered, tuple(all_keywords))
 
     profile = dict.fromkeys(FAMILIES, 0.0)
     avoid_families: list[Family] = []
