@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import litserve as ls
+import torch
 
 from lightning_fragrance.fragrance import formulate
 from lightning_fragrance.monitoring import BriefMode
@@ -26,6 +27,9 @@ class PolicyAPI(ls.LitAPI):
         self.export_dir = export_dir
 
     def setup(self, device: str) -> None:
+        # Same intra-op threads as lf-serve's default (`torch_threads: 1`), so both run the
+        # same request code under the same torch settings.
+        torch.set_num_threads(1)
         store = ExportStore(self.export_dir)
         version = store.current() or store.newest()
         assert version is not None
