@@ -4,6 +4,7 @@ Claim (issue 5): our service (hot reload, metrics, auth, limits included) serves
 brief + PPO policy path at >= 1.0x LitServe's throughput with <= 1.0x its p99.
 
 Method: a short real ``Trainer.fit`` of PPO on the fragrance task, exported with ``export``.
+Two pairings: one model process per side (the claim), then two per side.
 Both servers load that export with the same safe loader and run the same request code (rule-based
 ``parse_brief``, then ``formulate``); both run one serving process (ours: one uvicorn worker;
 LitServe: one inference worker plus its API server). 8 closed-loop keep-alive clients (aiohttp)
@@ -40,7 +41,7 @@ TARGET_RPS_RATIO = 1.0
 TARGET_P99_RATIO = 1.0
 
 
-def start_litserve(export_dir: Path) -> Server:
+def start_litserve(export_dir: Path, workers: int = 1) -> Server:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="litserve-", suffix=".log")[1])
     with log.open("wb") as fh:
@@ -50,6 +51,7 @@ def start_litserve(export_dir: Path) -> Server:
                 str(Path(__file__).with_name("litserve_policy_server.py")),
                 str(export_dir),
                 str(port),
+                str(workers),
             ],
             cwd=REPO,
             env=dict(os.environ),
@@ -68,12 +70,10 @@ def describe(name: str, result: LoadResult) -> str:
     )
 
 
-def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    checkpoints = train_checkpoints(work / "ckpts", steps=1)
-    export(checkpoints[-1], work / "exports", make_current=True)
-    ours = start_ours(work / "exports", warmup_steps=2)
-    anchor = start_litserve(work / "exports")
+def compare(exports: Path, workers: int) -> bool:
+    """Alternating rounds of ours and LitServe, each with ``workers`` model processes."""
+    ours = start_ours(exports, warmup_steps=2, workers=workers)
+    anchor = start_litserve(exports, workers)
     try:
         ours.wait_ready("/ready")
         anchor.wait_ready("/health")
@@ -84,18 +84,34 @@ def main() -> int:
     finally:
         ours.stop()
         anchor.stop()
+    print(
+        f"\n== {workers} model process(es) per side: lf-serve workers={workers} "
+        f"(uvicorn processes), LitServe workers_per_device={workers} (+ its API process)"
+    )
     best = {name: max(results, key=lambda r: r.rps) for name, results in rounds.items()}
     for name, results in rounds.items():
         for index, result in enumerate(results):
             print(describe(f"{name}#{index + 1}", result))
     rps_ratio = best["lf-serve"].rps / best["LitServe"].rps
     p99_ratio = best["lf-serve"].p(0.99) / best["LitServe"].p(0.99)
-    print(f"\nours   (lf-serve, best round): {describe('', best['lf-serve']).strip()}")
+    print(f"ours   (lf-serve, best round): {describe('', best['lf-serve']).strip()}")
     print(f"anchor (LitServe, best round): {describe('', best['LitServe']).strip()}")
     print(f"throughput ratio ours/anchor: {rps_ratio:.2f}x (target >= {TARGET_RPS_RATIO:.1f}x)")
     print(f"p99 ratio ours/anchor:        {p99_ratio:.2f}x (target <= {TARGET_P99_RATIO:.1f}x)")
     ok = rps_ratio >= TARGET_RPS_RATIO and p99_ratio <= TARGET_P99_RATIO
     print("PASS" if ok else "MISS")
+    return ok
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    checkpoints = train_checkpoints(work / "ckpts", steps=1)
+    export(checkpoints[-1], work / "exports", make_current=True)
+    # One model process per side is the issue's comparison. LitServe always adds an API
+    # process beside its inference workers, so on a 2-core machine it uses both cores where
+    # one uvicorn worker uses one; the second pairing gives each side two model processes.
+    for workers in (1, 2):
+        compare(work / "exports", workers)
     return 0
 
 
