@@ -20,8 +20,9 @@ from pathlib import Path
 
 import aiohttp
 
+from lightning_fragrance.examples.tiny_ppo import tiny_ppo_checkpoints
+
 REPO = Path(__file__).resolve().parents[1]
-ENV_ID = "lightning_fragrance.fragrance:FragranceFormulation-v0"
 TEXTS = [
     "a fresh citrus scent for summer, not too sweet",
     "warm amber and vanilla for winter evenings",
@@ -32,37 +33,7 @@ TEXTS = [
 
 def train_checkpoints(directory: Path, steps: int = 2, hidden: int = 64) -> list[Path]:
     """Checkpoints of a short real ``Trainer.fit`` of PPO on the fragrance task (one per step)."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning_fragrance.rl import PPO
-
-    model = PPO(
-        env_id=ENV_ID,
-        num_envs=2,
-        rollout_steps=8,
-        minibatch_size=16,
-        update_epochs=1,
-        hidden_sizes=[hidden, hidden],
-    )
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=directory,
-                filename="step{step}",
-                every_n_train_steps=1,
-                save_top_k=-1,
-                auto_insert_metric_name=False,
-            )
-        ],
-    )
-    trainer.fit(model)
-    return sorted(directory.glob("*.ckpt"))
+    return tiny_ppo_checkpoints(directory, steps=steps, hidden=hidden)
 
 
 def free_port() -> int:
