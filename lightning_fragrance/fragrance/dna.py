@@ -253,11 +253,15 @@ def decode_action(
     reward = score_composition(shares, concentration, brief_targets(brief, catalog), catalog)
     lines = []
     violations = []
-    for index in np.argsort(-shares, kind="stable"):
-        if shares[index] <= 0.0:
-            break
-        material = catalog[int(index)]
-        percent = float(shares[index] * concentration)
+    order = np.argsort(-shares, kind="stable")
+    order = order[shares[order] > 0.0]
+    kept = shares[order]
+    # Plain floats from one tolist() each: numpy scalar arithmetic per line cost more than the
+    # formula's whole score.
+    for index, share, percent in zip(
+        order.tolist(), kept.tolist(), (kept * concentration).tolist(), strict=True
+    ):
+        material = catalog[index]
         within = material.ifra_max_pct is None or percent <= material.ifra_max_pct
         if not within:
             violations.append(
@@ -269,7 +273,7 @@ def decode_action(
                 cas=material.cas,
                 note=material.note,
                 percent=percent,
-                share=float(shares[index]),
+                share=share,
                 ifra_max_pct=material.ifra_max_pct,
                 within_ifra=within,
             )

@@ -192,13 +192,13 @@ class PolicyNetwork(nn.Module):
             observations: A batch `(n, observation_dim)`.
             deterministic: The mode (argmax / Gaussian mean) instead of a sample.
         """
+        if deterministic:
+            # The mode needs no distribution object: argmax of the logits, or the Gaussian
+            # mean. Building Normal + Independent was a third of a served request's policy time.
+            out = self.body(self._features(observations))
+            return out.argmax(-1) if self.log_std is None else self.clip_action(out)
         dist = self.distribution(observations)
-        if self.log_std is None:
-            assert isinstance(dist, Categorical)
-            return dist.probs.argmax(-1) if deterministic else dist.sample()
-        assert isinstance(dist, Independent)
-        action = dist.base_dist.loc if deterministic else dist.sample()
-        return self.clip_action(action)
+        return self.clip_action(dist.sample())
 
     def clip_action(self, action: Tensor) -> Tensor:
         """Clip a box action to the bounds (identity for discrete actions)."""

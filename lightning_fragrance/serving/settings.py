@@ -52,6 +52,11 @@ class ServeSettings(BaseModel):
         llm_model_dir: a transformers causal-LM directory for ``brief_backend=llm``.
         work_threads: threads running the brief + policy work of ``/dna/create`` per process
             (a slow request holds one; more than a few only contend for the GIL).
+        inline_work_ms: ``/dna/create`` work measured faster than this runs on the event loop
+            instead of the pool: no thread hand-off, half the CPU per request (see
+            ``serving.placement``; 0 = always the pool). Keep it small: inline work delays
+            every other request of the process by as much, and the request timeout does not
+            apply to it.
         torch_threads: torch intra-op threads per process (0 = torch's default). One suits
             the small policies: requests already run concurrently, and with 2 threads a
             ``/dna/create`` took 1.4 ms of CPU instead of 0.8 ms (2-core machine).
@@ -73,6 +78,7 @@ class ServeSettings(BaseModel):
     max_inflight: int = Field(default=64, ge=1)
     torch_threads: int = Field(default=1, ge=0)
     work_threads: int = Field(default=4, ge=1)
+    inline_work_ms: float = Field(default=5.0, ge=0)
     request_timeout_s: float = Field(default=10.0, gt=0)
     max_body_bytes: int = Field(default=16_384, ge=64)
     max_user_text_chars: int = Field(default=2_000, ge=1)

@@ -275,6 +275,75 @@ def test_a_request_slower_than_the_drain_timeout_is_handled_as_configured_and_co
         assert counted == 1.0
 
 
+def test_cheap_work_moves_onto_the_event_loop_after_a_trial(export_dir: Path) -> None:
+    # A generous limit: this checks the mechanism, not this machine's speed.
+    test_client, _ = make_client(export_dir, inline_work_ms=200.0)
+    with test_client:
+        responses = [create(test_client, f"fresh citrus no {i}") for i in range(40)]
+        assert {r.status_code for r in responses} == {200}
+        assert {r.headers["X-Model-Version"] for r in responses} == {V1}
+        placement = test_client.get("/admin/model", headers=AUTH).json()["work_placement"]
+    assert placement["placement"] == "inline"
+    assert placement["trials"] == 1
+    assert 0 < placement["inline_mean_ms"] < 200.0
+
+
+class SleepyBrief:
+    """The rules after a sleep: a brief stage that waits on I/O (a remote LLM, say)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def generate(self, user_text: str, mode: BriefMode) -> BriefResult:
+        if self.gate is not None:
+            self.entered.set()
+            self.gate.wait(30)
+        else:
+            time.sleep(self.seconds)
+        return BriefResult(brief=parse_brief(user_text), source=BriefSource.RULES)
+
+
+def test_slow_work_stays_in_the_pool_so_the_loop_keeps_answering(export_dir: Path) -> None:
+    sleepy = SleepyBrief(0.15)  # over 25x the 5 ms limit: never worth a trial
+    test_client, _ = make_client(export_dir, brief_generator=sleepy, inline_work_ms=5.0)
+    with test_client:
+        for _ in range(20):  # past probe_every (16)
+            assert create(test_client).status_code == 200
+        placement = test_client.get("/admin/model", headers=AUTH).json()["work_placement"]
+        assert placement["placement"] == "pool" and placement["trials"] == 0
+        # A request blocked in the brief stage does not block the loop: /health answers
+        # while it waits. Inline, /health would wait behind it until the gate times out.
+        sleepy.gate = threading.Event()
+        holder: list[int] = []
+        thread = threading.Thread(target=lambda: holder.append(create(test_client).status_code))
+        thread.start()
+        assert sleepy.entered.wait(10)
+        health: list[int] = []
+        answered = threading.Event()
+
+        def ask_health() -> None:
+            health.append(test_client.get("/health").status_code)
+            answered.set()
+
+        threading.Thread(target=ask_health, daemon=True).start()
+        assert answered.wait(5), "/health waited for the blocked request: the loop was blocked"
+        assert health == [200]
+        sleepy.gate.set()
+        thread.join(10)
+        assert holder == [200]
+
+
+def test_inline_work_zero_keeps_every_request_in_the_pool(export_dir: Path) -> None:
+    test_client, _ = make_client(export_dir, inline_work_ms=0.0)
+    with test_client:
+        for i in range(30):
+            assert create(test_client, f"green floral no {i}").status_code == 200
+        placement = test_client.get("/admin/model", headers=AUTH).json()["work_placement"]
+    assert placement["placement"] == "pool" and placement["trials"] == 0
+
+
 def client_reload(client: TestClient, version: str) -> str:
     response = client.post("/admin/model/reload", json={"version": version}, headers=AUTH)
     assert response.status_code == 202, response.text
