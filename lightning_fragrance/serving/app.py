@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hmac
 import json
@@ -121,19 +122,28 @@ class ReloadRequest(BaseModel):
 # --------------------------------------------------------------------------- model plumbing
 
 
+@functools.cache
+def _warmup_inputs() -> tuple[list[Brief], torch.Tensor]:
+    # Parsed and encoded once per process: they do not depend on the model, and a warm-up runs
+    # on the reload thread while requests are served, so every bit of Python it skips is GIL
+    # time left to the requests.
+    catalog = default_catalog()
+    briefs = [parse_brief(text) for text in WARMUP_TEXTS]
+    observations = torch.stack([torch.as_tensor(encode_brief(b, catalog)) for b in briefs])
+    return briefs, observations
+
+
 def policy_warmup(loaded: LoadedModel) -> torch.Tensor:
-    """One warm-up step: the full serving path on fixed briefs; returns the raw actions.
+    """One warm-up step: the policy and the decoder on fixed briefs; returns the raw actions.
 
     The actions are returned (not the formula) so the manager can check them for NaN/inf: a
     policy with corrupted normaliser statistics loads and validates but acts with NaN.
     """
-    catalog = default_catalog()
-    briefs = [parse_brief(text) for text in WARMUP_TEXTS]
-    observations = torch.stack([torch.as_tensor(encode_brief(b, catalog)) for b in briefs])
+    briefs, observations = _warmup_inputs()
     with torch.no_grad():
         actions = loaded.model.act(observations, deterministic=True)  # type: ignore[operator]
     if bool(torch.isfinite(actions).all()):
-        decode_action(actions[0], briefs[0], catalog)
+        decode_action(actions[0], briefs[0])
     return actions
 
 
