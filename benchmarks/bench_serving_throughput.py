@@ -6,8 +6,9 @@ brief + PPO policy path at >= 1.0x LitServe's throughput with <= 1.0x its p99.
 Method: a short real ``Trainer.fit`` of PPO on the fragrance task, exported with ``export``.
 Two pairings: one model process per side (the claim), then two per side.
 Both servers load that export with the same safe loader and run the same request code (rule-based
-``parse_brief``, then ``formulate``); both run one serving process (ours: one uvicorn worker;
-LitServe: one inference worker plus its API server). 8 closed-loop keep-alive clients (aiohttp)
+``parse_brief``, then ``formulate``). In the first pairing ours is one uvicorn process, whose
+work placement (``serving.placement``) runs the cheap work on its event loop after a trial;
+LitServe is one inference worker plus its API process. 8 closed-loop keep-alive clients (aiohttp)
 for 8 s after 1.5 s of warm-up; rounds alternate (ours, LitServe, ours, LitServe) and the better
 round of each counts, so a neighbour's CPU burst hurts neither side alone.
 
@@ -22,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 from serving_harness import (
     REPO,
     LoadResult,
@@ -81,6 +83,11 @@ def compare(exports: Path, workers: int) -> bool:
         for _ in range(ROUNDS):
             rounds["lf-serve"].append(run_load(ours.url, "/dna/create", CLIENTS, SECONDS))
             rounds["LitServe"].append(run_load(anchor.url, "/predict", CLIENTS, SECONDS))
+        # Where our process ran the work (inline on the event loop, or in its pool); with
+        # several workers this is whichever process answers.
+        placement = httpx.get(
+            ours.url + "/admin/model", headers={"Authorization": "Bearer bench-token"}
+        ).json()["work_placement"]
     finally:
         ours.stop()
         anchor.stop()
@@ -92,6 +99,7 @@ def compare(exports: Path, workers: int) -> bool:
     for name, results in rounds.items():
         for index, result in enumerate(results):
             print(describe(f"{name}#{index + 1}", result))
+    print(f"lf-serve work placement after the rounds: {placement}")
     rps_ratio = best["lf-serve"].rps / best["LitServe"].rps
     p99_ratio = best["lf-serve"].p(0.99) / best["LitServe"].p(0.99)
     print(f"ours   (lf-serve, best round): {describe('', best['lf-serve']).strip()}")
