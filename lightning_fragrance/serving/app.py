@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import hmac
 import json
 import logging
@@ -190,9 +189,9 @@ class ServingState:
     # watcher does not "correct" this process back to the old CURRENT in between.
     admin_busy: threading.Event = field(default_factory=threading.Event)
     failed_target: str | None = None
-    # The brief + policy work runs here, not in asyncio's default pool (shared with every
-    # other to_thread call): a pool of its own, sized by `work_threads`, bounds the threads
-    # that contend for the GIL (0.84x -> 0.88x of LitServe's req/s on 2 cores).
+    # Work that `placement` keeps off the event loop (slow briefs, large policies) runs here,
+    # not in asyncio's default pool (shared with every other to_thread call): a pool of its
+    # own, sized by `work_threads`, bounds the threads that contend for the GIL.
     executor: ThreadPoolExecutor = field(default_factory=ThreadPoolExecutor)
     placement: WorkPlacement = field(default_factory=lambda: WorkPlacement(limit_s=0.0))
 
@@ -461,11 +460,6 @@ def create_app(
         if store.current() is None:
             store.set_current(info.version)
         log.info("serving %s on %s", info.version, settings.export_dir)
-        # Everything alive now (torch, pydantic schemas, the first model) lives as long as the
-        # process: moved out of the collector's generations, a full collection no longer
-        # walks it. That pause was the tail of /dna/create's latency.
-        gc.collect()
-        gc.freeze()
         _install_sigterm(state)
         stop = asyncio.Event()
         watcher = (
@@ -671,12 +665,15 @@ async def _create_dna(state: ServingState, body: DnaRequest) -> Response:
             version, payload, seconds = work()
             placement.observe(seconds, inline=True, clean=clean)
         else:
+            job = state.executor.submit(work)
             placement.pool_inflight += 1
-            try:
-                work_done = asyncio.get_running_loop().run_in_executor(state.executor, work)
-                version, payload, seconds = await asyncio.wait_for(work_done, timeout=timeout)
-            finally:
-                placement.pool_inflight -= 1
+            # Counted out when the thread ends, not when this request stops waiting (a timed
+            # out request's work still holds the GIL): inline measurements need the pool empty.
+            loop = asyncio.get_running_loop()
+            job.add_done_callback(lambda _: _call_soon(loop, placement.pool_job_done))
+            version, payload, seconds = await asyncio.wait_for(
+                asyncio.wrap_future(job), timeout=timeout
+            )
             placement.observe(seconds, inline=False)
     except DrainTimeoutExceeded as exc:
         raise HTTPException(
@@ -689,6 +686,12 @@ async def _create_dna(state: ServingState, body: DnaRequest) -> Response:
     if isinstance(payload, str):
         raise HTTPException(422, detail=payload)
     return Response(payload, media_type="application/json", headers={VERSION_HEADER: version})
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    # From a pool thread; after shutdown the loop may be closed, and nothing is left to count.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
 
 
 def app_from_environment() -> FastAPI:

@@ -104,6 +104,10 @@ class WorkPlacement:
             self._trial_runs = 0
         return self.placement is not Placement.POOL
 
+    def pool_job_done(self) -> None:
+        """A pooled request's work ended (called on the loop thread)."""
+        self.pool_inflight -= 1
+
     def clean(self) -> bool:
         """Whether inline work starting now would run alone (nothing in the pool)."""
         return self.pool_inflight == 0
