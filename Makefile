@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(BIN)/python -m lightning_fragrance.demo
 
 bench: $(STAMP)
+	./scripts/install_bench_tools.sh
 	$(BIN)/python benchmarks/run_all.py
 
 monitoring: $(STAMP)
