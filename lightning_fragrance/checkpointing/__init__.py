@@ -26,7 +26,6 @@ from lightning_fragrance.checkpointing.records import (
     CheckpointRecord,
     CheckpointStatus,
     RollbackDecision,
-    RollbackReason,
     checkpoint_file_name,
 )
 from lightning_fragrance.checkpointing.recovery import RestoreSource, Snapshot, find_restore_source
@@ -39,6 +38,7 @@ from lightning_fragrance.checkpointing.snapshot import (
 )
 from lightning_fragrance.checkpointing.store import HISTORY_FILE, CheckpointStore
 from lightning_fragrance.checkpointing.triggers import Trigger, TriggerMonitor, evaluate_step
+from lightning_fragrance.labels import RollbackReason
 
 __all__ = [
     "HISTORY_FILE",

@@ -29,16 +29,6 @@ class CheckpointStatus(str, Enum):
     REJECTED = "rejected"
 
 
-class RollbackReason(str, Enum):
-    """Why a step was judged divergent."""
-
-    KL_SPIKE = "kl_spike"
-    LOSS_SPIKE = "loss_spike"
-    REWARD_DROP = "reward_drop"
-    NON_FINITE = "non_finite"
-    GRAD_NORM = "grad_norm_spike"
-
-
 # Plain strings for the per-step paths: an Enum member's `.value` costs a descriptor call.
 PENDING = CheckpointStatus.PENDING.value
 CERTIFIED = CheckpointStatus.CERTIFIED.value

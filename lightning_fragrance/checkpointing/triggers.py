@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Mapping
 
 from lightning_fragrance.checkpointing.conditions import BaselineMode, RollbackConditions
-from lightning_fragrance.checkpointing.records import RollbackReason
+from lightning_fragrance.labels import RollbackReason
 
 LOSS = "loss"
 REWARD = "reward"

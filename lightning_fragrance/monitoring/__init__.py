@@ -31,7 +31,7 @@ from lightning_fragrance.monitoring.metrics import (
 if TYPE_CHECKING:
     from lightning_fragrance.monitoring.checkpoint_observer import (
         PrometheusCheckpointObserver,
-        normalise_rollback_reason,
+        rollback_reason_label,
     )
     from lightning_fragrance.monitoring.collector import (
         ApiRequestOutcome,
@@ -46,7 +46,7 @@ _LAZY: dict[str, str] = {
     "OperationsMetricsCollector": "lightning_fragrance.monitoring.collector",
     "multiprocess_dir": "lightning_fragrance.monitoring.collector",
     "PrometheusCheckpointObserver": "lightning_fragrance.monitoring.checkpoint_observer",
-    "normalise_rollback_reason": "lightning_fragrance.monitoring.checkpoint_observer",
+    "rollback_reason_label": "lightning_fragrance.monitoring.checkpoint_observer",
 }
 
 
@@ -70,5 +70,5 @@ __all__ = [
     "RepairType",
     "RollbackReason",
     "multiprocess_dir",
-    "normalise_rollback_reason",
+    "rollback_reason_label",
 ]

@@ -9,39 +9,19 @@ from __future__ import annotations
 
 import logging
 
+from lightning_fragrance.labels import RollbackReason
 from lightning_fragrance.monitoring.collector import OperationsMetricsCollector
-from lightning_fragrance.monitoring.metrics import RollbackReason
 
 log = logging.getLogger(__name__)
 
-_REASONS = {reason.value for reason in RollbackReason}
 
-
-def normalise_rollback_reason(reason: object) -> str:
-    """Map a reason (enum member, its value, or free text) onto the bounded label vocabulary.
-
-    ``RollbackReason.KL_SPIKE``, ``"kl_spike"`` and ``"KL spike 0.05 > 0.03"`` all map to
-    ``kl_spike``; anything unrecognised becomes ``other`` so the label stays bounded.
-    """
-    text = str(getattr(reason, "value", reason)).strip().lower()
-    if text in _REASONS:
-        return text
-    words = text.replace("-", " ").replace("_", " ")
-    for candidate in RollbackReason:
-        if candidate.value.replace("_", " ") in words:
-            return candidate.value
-    for keyword, mapped in (
-        ("kl", RollbackReason.KL_SPIKE),
-        ("loss", RollbackReason.LOSS_SPIKE),
-        ("reward", RollbackReason.REWARD_DROP),
-        ("nan", RollbackReason.NON_FINITE),
-        ("inf", RollbackReason.NON_FINITE),
-        ("finite", RollbackReason.NON_FINITE),
-        ("grad", RollbackReason.GRAD_NORM),
-    ):
-        if keyword in words.split():
-            return mapped.value
-    return RollbackReason.OTHER.value
+def rollback_reason_label(reason: object) -> str:
+    """The ``checkpoint_rollbacks_total{reason}`` value of ``reason``: a `RollbackReason` member
+    or its value as the engine reports it; anything else is ``other`` (the label stays bounded)."""
+    try:
+        return RollbackReason(getattr(reason, "value", reason)).value
+    except ValueError:
+        return RollbackReason.OTHER.value
 
 
 class PrometheusCheckpointObserver:
@@ -72,7 +52,7 @@ class PrometheusCheckpointObserver:
     def on_rollback(self, from_step: int, to_step: int, reason: str) -> None:
         """Training rolled back from ``from_step`` to the checkpoint of ``to_step``."""
         try:
-            self.collector.record_rollback(normalise_rollback_reason(reason))
+            self.collector.record_rollback(rollback_reason_label(reason))
         except (ValueError, RuntimeError):
             log.exception("could not record the rollback %d -> %d", from_step, to_step)
 

@@ -13,6 +13,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from lightning_fragrance.labels import (
+    DrainTimeoutAction,
+    ModelRole,
+    ReloadPhase,
+    ReloadResult,
+    RollbackReason,
+)
+
 
 class MetricType(str, Enum):
     """Prometheus metric types used by the catalogue."""
@@ -71,82 +79,9 @@ class RepairType(str, Enum):
     OTHER = "other"  # repaired, but the caller gave no type
 
 
-class RollbackReason(str, Enum):
-    """Vocabulary of ``checkpoint_rollbacks_total{reason}``.
-
-    Mirrors ``lightning_fragrance.checkpointing.RollbackReason`` (a test keeps them equal) without
-    importing it: the metrics engine must not depend on the checkpointing engine. ``OTHER``
-    absorbs any reason string a future trigger adds, so the label stays bounded.
-    """
-
-    KL_SPIKE = "kl_spike"
-    LOSS_SPIKE = "loss_spike"
-    REWARD_DROP = "reward_drop"
-    NON_FINITE = "non_finite"
-    GRAD_NORM = "grad_norm_spike"
-    MANUAL = "manual"
-    OTHER = "other"
-
-
-class ReloadResult(str, Enum):
-    """Outcome of one hot reload or rollback (``model_reload_total{result}``).
-
-    The serving ``HotReloadManager`` uses this enum itself (serving may import the monitoring
-    engine, never the reverse), so a result the manager can reach always has a label here.
-    """
-
-    SUCCESS = "success"
-    LOAD_FAILED = "load_failed"
-    VALIDATION_FAILED = "validation_failed"
-    WARMUP_FAILED = "warmup_failed"
-    # The previous version serves again: POST /admin/model/rollback or the automatic revert on
-    # the new version's error rate. Not a failure of the reload machinery, so not "failed".
-    ROLLED_BACK = "rolled_back"
-    REJECTED = "rejected"  # another reload was in progress (HTTP 409) or the request was invalid
-
-
-class ReloadPhase(str, Enum):
-    """Phases of a hot reload, in order (DESIGN.md §7); ``FAILED`` ends one that did not switch.
-
-    The serving ``HotReloadManager`` uses this enum itself, so every phase it times has a label
-    in ``model_reload_phase_seconds{phase}`` (``RELOAD_TIMED_PHASES``). ``FAILED`` is a terminal
-    state, not a duration, and is not a label value: failures are counted by
-    ``model_reload_total{result}``.
-    """
-
-    LOADING = "loading"
-    VALIDATING = "validating"
-    WARMING = "warming"
-    SWITCHING = "switching"
-    DRAINING = "draining"
-    STOPPED = "stopped"  # releasing the old worker's memory (drop, malloc_trim, maybe a GC pass)
-    FAILED = "failed"
-
-
 RELOAD_TIMED_PHASES: tuple[ReloadPhase, ...] = tuple(
     phase for phase in ReloadPhase if phase is not ReloadPhase.FAILED
 )
-
-
-class DrainTimeoutAction(str, Enum):
-    """What serving does with a request still running on the old worker at ``drain_timeout``.
-
-    The serving ``HotReloadManager``'s option (``drain_timeout_action``) and the label of
-    ``model_reload_drain_timeout_requests_total{action}``: one enum for both. Python cannot
-    interrupt a thread inside torch, so the request always runs to its end; ``LEAVE_RUNNING``
-    lets its answer through, ``REJECT`` replaces it with a retriable error (HTTP 503 +
-    ``Retry-After``).
-    """
-
-    LEAVE_RUNNING = "leave_running"
-    REJECT = "reject"
-
-
-class ModelRole(str, Enum):
-    """Role of a model version in a serving process (``model_info{role}``)."""
-
-    CURRENT = "current"
-    DRAINING = "draining"
 
 
 class LossType(str, Enum):

@@ -38,7 +38,7 @@ import torch
 # of truth for the manager and the labels of model_reload_phase_seconds{phase},
 # model_reload_total{result} and model_reload_drain_timeout_requests_total{action}); metrics.py
 # is plain enums and imports no prometheus_client.
-from lightning_fragrance.monitoring.metrics import DrainTimeoutAction, ReloadPhase, ReloadResult
+from lightning_fragrance.labels import DrainTimeoutAction, ReloadPhase, ReloadResult
 
 log = logging.getLogger(__name__)
 
