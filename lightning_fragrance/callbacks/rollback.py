@@ -1,18 +1,18 @@
 """`RollbackCheckpoint`: periodic checkpoints and in-place rollback on divergence, for Lightning.
 
-A thin adapter: every rule lives in `lightning_fragrance.checkpointing` (triggers, certification,
-escalation, budget, atomic store, ordered background writer); this module reads the metrics from
-the Trainer's hooks, agrees on a decision across ranks and restores the training state through
-public `Strategy` methods (the sequence Lightning runs on resume, minus the loops).
+A thin adapter over `lightning_fragrance.checkpointing.RollbackOrchestrator` (the one
+save -> judge -> roll back -> record sequence): this module turns the Trainer's hooks into
+readings dated by the step that produced them (`evidence`), agrees on them across ranks, lends
+the Trainer's state (`trainer_state`), and keeps Lightning's own expectations: the files are
+standard checkpoints, ``ckpt_path="best"`` works after the fit, ``fast_dev_run`` writes nothing.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
-import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,86 +20,94 @@ import fsspec
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
+from lightning_fragrance.callbacks.evidence import LoggedEvidence
+from lightning_fragrance.callbacks.trainer_state import RNG_KEY, TrainerState
 from lightning_fragrance.checkpointing import (
-    AsyncCheckpointWriter,
-    CheckpointCorruptError,
+    CheckpointDirectoryError,
     CheckpointObserver,
     CheckpointRecord,
-    CheckpointStatus,
     CheckpointStore,
     LoggingObserver,
     MissingMetricError,
-    Observation,
     ObserverGroup,
-    RollbackBudgetExceeded,
+    Reading,
     RollbackConditions,
-    RollbackGuard,
-    Snapshot,
-    StagingPool,
+    RollbackOrchestrator,
     collect_rng_state,
-    find_restore_source,
-    next_save_step,
     reseed,
     restore_rng_state,
 )
-from lightning_fragrance.checkpointing.manager import format_rolled_back
-from lightning_fragrance.checkpointing.optimizer_state import copy_optimizer_state_
+from lightning_fragrance.checkpointing.errors import CheckpointError
+from lightning_fragrance.checkpointing.store import HISTORY_FILE
 from lightning_fragrance.checkpointing.triggers import GRAD_NORM, KL, LOSS, REWARD
+
+__all__ = ["RNG_KEY", "RollbackCheckpoint"]
 
 log = logging.getLogger("lightning_fragrance.callbacks.rollback")
 
-RNG_KEY = "lightning_fragrance_rng"
-"""Key under which every checkpoint written while this callback is active carries the RNG state
-of rank 0 (Lightning checkpoints carry none, research note §1.2)."""
-
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""Version of the callback state in checkpoints (2: run id, freshness, known-good targets)."""
 _MISSING = -math.inf
+_NAME = "RollbackCheckpoint"
 
 
 class RollbackCheckpoint(Checkpoint):
     r"""Checkpoint every N optimizer steps; when training diverges, roll back in place and go on.
 
     A *step* is an optimizer step: ``trainer.global_step``. With gradient accumulation several
-    batches make one step; with manual optimization (PPO) one batch can make several. Metrics are
-    judged once per step (on the batch where ``global_step`` advanced), and a save happens at the
-    first step at or past each multiple of ``save_every_n_steps``. ``global_step`` keeps counting
-    through rollbacks: they are events, not rewinds of the loops.
+    batches make one step; with manual optimization (PPO) one batch can make several. A save
+    happens at the first step at or past each multiple of ``save_every_n_steps`` (never on a
+    step whose newest evidence is bad, never with non-finite weights). ``global_step`` keeps
+    counting through rollbacks: they are events, not rewinds of the loops.
+
+    Every value is judged once, when it is fresh: the guard knows the step at which each watched
+    value was produced (returned by ``training_step``, ``self.log`` on_step, an ``on_epoch``
+    aggregate at the epoch's end, a validation metric), so metrics logged once per rollout or
+    per epoch are first-class, and a rollback is never re-triggered by the stale value that
+    caused it. A checkpoint becomes a rollback target only once every watched signal produced
+    a healthy value after it (``certify=True``, the default); the state the fit starts from is
+    the target of last resort. ``certify=False`` is the operations guide's literal behaviour.
 
     The files are standard Lightning checkpoints (``Trainer.fit(ckpt_path=...)`` resumes them,
     with this callback's history, counters and budget) that load with
-    ``torch.load(weights_only=True)``; ``checkpoint_history.json`` beside them is the commit record.
+    ``torch.load(weights_only=True)``; ``checkpoint_history.json`` beside them is the commit
+    record and names the run (``run_id``) that wrote them.
 
     Args:
-        dirpath: Directory or fsspec URL of the checkpoints (relative paths are relative to the
-            working directory).
+        dirpath: Directory or fsspec URL of the checkpoints. None (default): one per run, under
+            the Trainer's log directory (``trainer.log_dir/checkpoints`` for TensorBoard/CSV
+            loggers, else ``<log_dir or default_root_dir>/checkpoints/version_N``); a resumed
+            fit continues in the directory of the checkpoint it resumes from.
         save_every_n_steps: Save at the first step at or past each multiple of this.
         max_checkpoints: Unpinned checkpoints kept; older ones are deleted after a newer commit.
         kl_threshold: Roll back when KL > this (absolute). See `RollbackConditions`.
         loss_increase_multiplier: Roll back when ``|loss| > multiplier x |baseline loss|``.
         reward_drop_threshold: Roll back when reward fell by more than this fraction.
         baseline: ``"checkpoint"`` (the guide: metrics of the rollback target) or
-            ``"window_median"`` (median of the last ``window`` healthy steps).
-        window: Healthy steps in the median window (also its warm-up).
-        patience: Consecutive bad steps before acting (non-finite values act at once).
+            ``"window_median"`` (median of the last ``window`` healthy readings).
+        window: Healthy readings in the median window (also its warm-up).
+        patience: Consecutive bad readings before acting (non-finite values act at once).
         min_baseline_magnitude: Floor of ``|baseline|`` for the ratio triggers.
         grad_norm_threshold: Optional multiple of the baseline gradient norm that triggers. When
             ``grad_norm_key`` is not logged, the callback measures the norm itself (pre-clip).
-        certify_after_steps: Steps without a bad step before a checkpoint is a preferred target.
-        escalate_within_steps: A trigger this soon after a rollback restores an older checkpoint.
-        max_rollbacks: Rollbacks allowed within ``rollback_budget_window`` steps; one more
-            raises `RollbackBudgetExceeded` and the fit stops. None = unlimited.
+        certify: Known-good targets (see above). False: every checkpoint is a target at once,
+            the newest first (the guide's "roll back to the latest checkpoint").
+        certify_after_steps: With ``certify``, also wait this many steps after a checkpoint.
+        max_rollbacks: Restores (escalations included) allowed within
+            ``rollback_budget_window`` steps; one more raises `RollbackBudgetExceeded` naming
+            the last known-good checkpoint, and the fit stops. None = unlimited.
         rollback_budget_window: Width of the budget window in steps.
-        loss_key: Metric read for the loss: first in the dict returned by ``training_step``,
-            then in ``trainer.callback_metrics`` (what ``self.log`` recorded).
+        loss_key: Metric read for the loss: the dict returned by ``training_step``, else what
+            ``self.log`` recorded (on_step, on_epoch or in validation).
         reward_key: Same, for the reward.
         kl_key: Same, for the KL divergence.
         grad_norm_key: Same, for the gradient norm (only read when ``grad_norm_threshold``).
         dry_run: Judge and record triggers but never restore: calibrate thresholds on a healthy
             run, then switch it off.
-        strict: Raise `MissingMetricError` when a key is missing instead of warning once.
+        strict: Raise `MissingMetricError` when a key is never produced instead of warning.
         lr_factor: After each rollback, multiply every learning rate (and the schedulers'
             ``base_lrs``, so schedules do not undo it) by this. 1.0 = unchanged.
         reseed: After each rollback, reseed torch/numpy/python so the restored run does not
@@ -113,6 +121,9 @@ class RollbackCheckpoint(Checkpoint):
             schedule aligned with ``global_step`` instead.
         restore_precision: Restore the precision plugin state (GradScaler scale). False keeps
             the current, lower scale after an overflow-driven divergence.
+        overwrite: A ``dirpath`` holding another run's checkpoints is refused (histories would
+            merge, same-numbered files be overwritten, retention delete this run's files);
+            True starts a new history there instead, the old one kept beside it.
         observers: Told about saves, rollbacks and errors, besides the logging observer that is
             always attached.
         fs: Optional fsspec filesystem; ``dirpath`` is then a path on it.
@@ -120,7 +131,7 @@ class RollbackCheckpoint(Checkpoint):
 
     def __init__(
         self,
-        dirpath: str | os.PathLike[str] | None = "checkpoints",
+        dirpath: str | os.PathLike[str] | None = None,
         save_every_n_steps: int = 500,
         max_checkpoints: int = 5,
         kl_threshold: float = 0.03,
@@ -131,8 +142,8 @@ class RollbackCheckpoint(Checkpoint):
         patience: int = 1,
         min_baseline_magnitude: float = 1e-3,
         grad_norm_threshold: float | None = None,
+        certify: bool = True,
         certify_after_steps: int = 0,
-        escalate_within_steps: int = 0,
         max_rollbacks: int | None = 3,
         rollback_budget_window: int = 1000,
         loss_key: str = "train/loss",
@@ -148,6 +159,7 @@ class RollbackCheckpoint(Checkpoint):
         keep_in_memory: bool = True,
         restore_scheduler: bool = True,
         restore_precision: bool = True,
+        overwrite: bool = False,
         observers: Iterable[CheckpointObserver] | None = None,
         fs: fsspec.AbstractFileSystem | None = None,
     ) -> None:
@@ -171,8 +183,8 @@ class RollbackCheckpoint(Checkpoint):
             patience=patience,
             min_baseline_magnitude=min_baseline_magnitude,
             grad_norm_threshold=grad_norm_threshold,
+            certify=certify,
             certify_after_steps=certify_after_steps,
-            escalate_within_steps=escalate_within_steps,
             max_rollbacks=max_rollbacks,
             rollback_budget_window=rollback_budget_window,
         )
@@ -188,31 +200,63 @@ class RollbackCheckpoint(Checkpoint):
         self.keep_in_memory = keep_in_memory
         self.restore_scheduler = restore_scheduler
         self.restore_precision = restore_precision
+        self.overwrite = overwrite
         # The logging observer is always there: a write error is never silent, whatever else
         # (Prometheus) is attached.
         self.observers = ObserverGroup([LoggingObserver(), *(observers or ())])
         self._fs = fs
-        self.guard = RollbackGuard(self.conditions, max_checkpoints)
-        self._store: CheckpointStore | None = None
-        self._writer: AsyncCheckpointWriter | None = None
-        self._snapshot: Snapshot | None = None
-        self._next_save = save_every_n_steps
+        self.engine: RollbackOrchestrator | None = None
+        self.evidence = LoggedEvidence(self.keys)
+        self._loaded: Mapping[str, Any] | None = None
+        self._trainer: pl.Trainer | None = None
         self._last_step = -1
+        self._epoch_start = 0
         self._skip_remaining = 0
-        self._warned_keys: set[str] = set()
-        self._warned_no_target = False
-        self._accumulated: dict[str, float] = {}
-        self._staging = StagingPool()
+        self._accumulated: dict[str, Reading] = {}
         self._grad_norm_sq: float | None = None
-        self._is_zero = True
+        self._reported_cadence = False
+
+    # ------------------------------------------------------------------ Lightning identity
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two guards (other directories, other keys) keep their own state in one checkpoint.
+        return self._generate_state_key(
+            dirpath=self.dirpath, every=self.save_every_n_steps, keys=sorted(self.keys.values())
+        )
+
+    @property
+    def best_model_path(self) -> str:
+        """What ``ckpt_path="best"`` loads: a user's ``ModelCheckpoint``'s best, whatever the
+        callback order, else this guard's newest known-good checkpoint ("" when none)."""
+        trainer = self._trainer
+        if trainer is not None:
+            for callback in trainer.checkpoint_callbacks:
+                if callback is not self and not isinstance(callback, RollbackCheckpoint):
+                    path = getattr(callback, "best_model_path", None)
+                    if isinstance(path, str):
+                        return path
+        if self.engine is None:
+            return ""
+        self.engine.flush()
+        committed = {r.step: r for r in self.engine.store.records()}
+        good = [r for r in self.engine.guard.candidates(math.inf) if r.step in committed]  # type: ignore[arg-type]
+        return self.engine.store.url(good[0].file) if good else ""
 
     # ------------------------------------------------------------------ public properties
     @property
     def store(self) -> CheckpointStore:
-        """The checkpoint store (available once the fit has been set up)."""
-        if self._store is None:
+        """The checkpoint store (available once the fit has started)."""
+        if self.engine is None:
             raise RuntimeError("RollbackCheckpoint.store is available after Trainer.fit starts")
-        return self._store
+        return self.engine.store
+
+    @property
+    def guard(self) -> Any:
+        """The `RollbackGuard` holding the ledger and the decisions (after the fit started)."""
+        if self.engine is None:
+            raise RuntimeError("RollbackCheckpoint.guard is available after Trainer.fit starts")
+        return self.engine.guard
 
     @property
     def history(self) -> list[CheckpointRecord]:
@@ -222,58 +266,153 @@ class RollbackCheckpoint(Checkpoint):
 
     @property
     def rollback_count(self) -> int:
-        """Rollbacks performed (dry-run triggers excluded)."""
-        return self.guard.rollback_count
+        """Restores performed (dry-run triggers excluded)."""
+        return self.engine.guard.rollback_count if self.engine is not None else 0
 
     @property
     def rollback_events(self) -> list[dict[str, Any]]:
         """Performed rollbacks: ``{"at_step", "to_step", "reason", "message", ...}``."""
-        return self.guard.rollback_events
+        return self.engine.guard.rollback_events if self.engine is not None else []
 
     @property
     def events(self) -> list[dict[str, Any]]:
         """Every recorded event, dry-run triggers included."""
-        return [dict(e) for e in self.guard.events]
+        return [dict(e) for e in self.engine.guard.events] if self.engine is not None else []
 
     def flush(self) -> None:
         """Wait until every pending checkpoint write is durable (rank 0)."""
-        if self._writer is not None:
-            self._writer.flush()
+        if self.engine is not None:
+            self.engine.flush()
 
     # ------------------------------------------------------------------ set-up / tear-down
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        self._trainer = trainer
+        if stage != "fit" or _fast_dev_run(trainer) or self.dirpath is None:
             return
-        dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-        self._is_zero = trainer.is_global_zero
-        # Only rank 0 writes (like Strategy.save_checkpoint); the others read after a barrier.
-        self._store = CheckpointStore(
-            dirpath, self.max_checkpoints, fs=self._fs, read_only=not self._is_zero
+        if trainer.is_global_zero:  # fail now, not at the first save
+            CheckpointStore(self.dirpath, self.max_checkpoints, fs=self._fs).check_writable(_NAME)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _fast_dev_run(trainer):
+            return
+        # After Lightning restored a resumed checkpoint (and this callback's state with it).
+        loaded = self._loaded or {}
+        run_id = str(loaded.get("guard", {}).get("run_id", "")) or uuid.uuid4().hex[:12]
+        run_id = trainer.strategy.broadcast(run_id, src=0)
+        dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer), src=0)
+        store = CheckpointStore(
+            dirpath, self.max_checkpoints, fs=self._fs, read_only=not trainer.is_global_zero
         )
-        if self._is_zero and self.async_save:
-            self._writer = AsyncCheckpointWriter(self._store, [self.observers])
+        if trainer.is_global_zero:
+            store.check_writable(_NAME)
+            try:
+                store.claim(run_id, resume=trainer.ckpt_path is not None, overwrite=self.overwrite)
+            except CheckpointDirectoryError as err:
+                raise CheckpointDirectoryError(f"{_NAME}: {err}") from None
+        trainer.strategy.barrier("rollback_checkpoint_claim")
+        self.engine = RollbackOrchestrator(
+            store,
+            self.conditions,
+            save_every=self.save_every_n_steps,
+            observers=self.observers,
+            signals=self.keys,
+            run_id=run_id,
+            is_writer=trainer.is_global_zero,
+            async_save=self.async_save,
+            keep_in_memory=self.keep_in_memory,
+            dry_run=self.dry_run,
+            barrier=lambda: trainer.strategy.barrier("rollback_checkpoint_flush"),
+        )
+        if loaded:
+            self.engine.load_state_dict(loaded)
+            self._reconcile(trainer.global_step)
+        self.engine.guard.run_id = run_id
+        for observer in self.observers.observers:
+            start = getattr(observer, "on_guard_start", None)
+            if start is not None and trainer.is_global_zero:
+                start(run_id, self._thresholds())
+
+    def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
+        if self.dirpath is not None:
+            return self.dirpath
+        resumed = trainer.ckpt_path
+        if resumed:
+            parent = os.path.dirname(os.fspath(resumed))
+            fs, path = fsspec.core.url_to_fs(parent)
+            if fs.exists(f"{path}/{HISTORY_FILE}"):
+                return parent
+        base = trainer.log_dir or trainer.default_root_dir
+        root = os.path.join(base, "checkpoints")
+        if trainer.loggers and isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+            return root  # the logger's log_dir is already one directory per run (version_N)
+        fs, path = fsspec.core.url_to_fs(root)
+        taken = fs.ls(path, detail=False) if fs.exists(path) else []
+        numbers = [
+            int(name.rsplit("version_", 1)[1])
+            for name in (os.path.basename(str(n).rstrip("/")) for n in taken)
+            if name.startswith("version_") and name[8:].isdigit()
+        ]
+        return os.path.join(root, f"version_{max(numbers, default=-1) + 1}")
+
+    def _reconcile(self, step: int) -> None:
+        """After a resume: forget entries whose files are gone; entries newer than the resumed
+        step belong to the abandoned future of that run, not to this lineage."""
+        assert self.engine is not None
+        guard, committed = self.engine.guard, {r.step: r for r in self.engine.store.records()}
+        guard.forget({e.step for e in guard.ledger if e.step not in committed})
+        for entry in guard.ledger:
+            stored = committed[entry.step]
+            if not stored.is_rollback_target:
+                entry.status, entry.note = stored.status, stored.note
+        for stored in committed.values():
+            if stored.step > step and stored.is_rollback_target and self.engine.is_writer:
+                note = f"not in this lineage: the run resumed from step {step}"
+                self.engine.store.set_status(stored.step, "rejected", note=note)
+
+    def _thresholds(self) -> dict[str, float]:
+        c = self.conditions
+        return {
+            "kl_threshold": c.kl_threshold,
+            "loss_increase_multiplier": c.loss_increase_multiplier,
+            "reward_drop_threshold": c.reward_drop_threshold,
+        }
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is not None:
+            self._last_step = trainer.global_step
+            self.engine.start(trainer.global_step, self._provider(trainer, pl_module))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self._writer is not None:
-            self._writer.close()
-            self._report_write_errors()
-            self._writer = None
-        self._snapshot = None  # the store stays readable: `history` after the fit
+        if stage == "fit" and self.engine is not None:
+            self.engine.close()
+            self.engine.snapshot = None  # the store stays readable: `history` after the fit
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if self._writer is not None:  # keep what was already staged, then stop the thread
-            self._writer.close()
-            self._report_write_errors()
-            self._writer = None
+        if self.engine is not None:  # keep what was already staged, then stop the thread
+            self.engine.close()
+
+    def _provider(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrainerState:
+        return TrainerState(trainer, pl_module, self.restore_scheduler, self.restore_precision)
 
     # ------------------------------------------------------------------ per step
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = trainer.global_step
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.engine is not None:
+            self.evidence.before_batch(trainer)
+
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -305,317 +444,140 @@ class RollbackCheckpoint(Checkpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if self.engine is None:
+            return
         step = trainer.global_step
-        metrics = _worst(self._accumulated, self._read_metrics(trainer, outputs))
+        readings = self.evidence.step_readings(trainer, outputs)
+        if GRAD_NORM in self.keys and GRAD_NORM not in readings and self._grad_norm_sq:
+            readings[GRAD_NORM] = Reading(math.sqrt(self._grad_norm_sq), step)
+        self._grad_norm_sq = None
+        readings = _worst(self._accumulated, readings)
         if step == self._last_step:
             # Gradient accumulation: no optimizer step on this batch. Keep the worst values so
             # a divergence in any micro-batch of the step is judged once the step happens.
-            self._accumulated = metrics
+            self._accumulated = readings
             return
         self._accumulated = {}
         self._last_step = step
         if self._skip_remaining > 0:
             self._skip_remaining -= 1
-        self._report_write_errors()
-        metrics = self._agree(trainer, metrics)
-        observation = self.guard.observe(step, metrics)
-        for certified in observation.certified:
-            self._store_status(certified, CheckpointStatus.CERTIFIED)
-        if observation.fire:
-            self._on_trigger(trainer, pl_module, step, observation)
-        elif step >= self._next_save:
-            self._save(trainer, step, metrics)
+        provider = self._provider(trainer, pl_module)
+        agreed = self._agree(trainer, readings)
+        self._judge_and_act(trainer, provider, agreed, save=True)
 
-    # ------------------------------------------------------------------ metrics
-    def _read_metrics(self, trainer: pl.Trainer, outputs: Any) -> dict[str, float]:
-        """Cheapest first: the dict returned by training_step, then the logged metrics."""
-        found: dict[str, Any] = {}
-        logged: Mapping[str, Any] | None = None
-        for name, key in self.keys.items():
-            if isinstance(outputs, Mapping) and key in outputs:
-                value = outputs[key]
-                if key == "loss":  # Lightning divides the returned loss by the accumulation
-                    value = value * trainer.accumulate_grad_batches
-                found[name] = value
-                continue
-            if name == GRAD_NORM and self._grad_norm_sq is not None:
-                continue
-            if logged is None:
-                logged = trainer.callback_metrics
-            if key in logged:
-                found[name] = logged[key]
-            else:
-                self._missing(key, name, outputs, logged)
-        if GRAD_NORM in self.keys and GRAD_NORM not in found and self._grad_norm_sq is not None:
-            found[GRAD_NORM] = math.sqrt(self._grad_norm_sq)
-        self._grad_norm_sq = None
-        if not any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in found.values()):
-            return {name: float(value) for name, value in found.items()}
-        # Device tensors: one host copy for all values (one sync, research note §4).
-        names = list(found)
-        stacked = torch.stack(
-            [torch.as_tensor(found[n]).detach().reshape(()).to(torch.float64) for n in names]
-        )
-        return dict(zip(names, stacked.cpu().tolist(), strict=True))
-
-    def _missing(self, key: str, name: str, outputs: Any, logged: Mapping[str, Any]) -> None:
-        if key in self._warned_keys:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is None:
             return
-        returned = sorted(outputs) if isinstance(outputs, Mapping) else []
-        message = (
-            f"RollbackCheckpoint: metric {key!r} ({name}) was neither returned by training_step "
-            f"(returned keys: {returned}) nor logged (logged keys: {sorted(logged)}). "
-            f"Its trigger is inactive until it appears: log it with self.log({key!r}, value) or "
-            f"set {name if name != 'kl_divergence' else 'kl'}_key to the name you log."
-        )
-        if self.strict:
-            raise MissingMetricError(message)
-        self._warned_keys.add(key)
-        log.warning(message + " (strict=True turns this into an error)")
+        readings = self.evidence.epoch_readings(trainer, self._epoch_start)
+        agreed = self._agree(trainer, readings)
+        if agreed:
+            self._judge_and_act(trainer, self._provider(trainer, pl_module), agreed, save=False)
+        if not self._reported_cadence:
+            self._reported_cadence = True
+            self._report_cadence(trainer)
 
-    def _agree(self, trainer: pl.Trainer, metrics: dict[str, float]) -> dict[str, float]:
-        """Make every rank judge the same numbers: the worst value over ranks, per signal.
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is None or trainer.sanity_checking or not trainer.training:
+            return
+        agreed = self._agree(trainer, self.evidence.validation_readings(trainer))
+        if agreed:
+            self._judge_and_act(trainer, self._provider(trainer, pl_module), agreed, save=False)
 
-        One packed all-reduce (max) per step instead of one collective per metric; rank-local
+    def _judge_and_act(
+        self,
+        trainer: pl.Trainer,
+        provider: TrainerState,
+        readings: Mapping[str, Reading],
+        save: bool,
+    ) -> None:
+        assert self.engine is not None
+        step = trainer.global_step
+
+        def remedies() -> dict[str, Any]:
+            return self._remedies(trainer, step)
+
+        if save:
+            self.engine.step(step, readings, provider, remedies)
+            return
+        observation = self.engine.judge(step, readings)
+        if observation.fire and observation.trigger is not None:
+            self.engine.act(step, observation.trigger, provider, remedies)
+
+    def _report_cadence(self, trainer: pl.Trainer) -> None:
+        """After the first epoch: how each key arrives, and the keys that never do."""
+        assert self.engine is not None
+        for signal, key in self.keys.items():
+            if signal in self.evidence.sources:
+                if trainer.is_global_zero:
+                    log.info(
+                        "%s: %r (%s) is %s; a checkpoint becomes a rollback target once its "
+                        "first value after the checkpoint is in.",
+                        _NAME,
+                        key,
+                        signal,
+                        self.evidence.cadence(signal),
+                    )
+                continue
+            self.engine.guard.drop_signal(signal)
+            message = (
+                f"{_NAME}: metric {key!r} ({signal}) was not produced during the first epoch: "
+                f"neither returned by training_step nor logged with self.log (on_step, "
+                f"on_epoch or in validation); logged keys: {sorted(trainer.callback_metrics)}. "
+                f"Its trigger is inactive until it appears: log it with self.log({key!r}, "
+                f"value) or set {'kl' if signal == KL else signal}_key to the name you log."
+            )
+            if self.strict:
+                raise MissingMetricError(message)
+            log.warning(message + " (strict=True turns this into an error)")
+
+    def _agree(self, trainer: pl.Trainer, readings: dict[str, Reading]) -> dict[str, Reading]:
+        """Make every rank judge the same readings: per signal the worst value over ranks, the
+        newest production step and the oldest state it reflects.
+
+        One packed all-reduce (max) per call instead of one collective per metric; rank-local
         decisions hang or silently diverge DDP replicas (research note §3.3).
         """
         if trainer.world_size <= 1:
-            return metrics
+            return readings
+        names = list(self.keys)
         packed: list[float] = []
-        names = [LOSS, REWARD, KL, GRAD_NORM]
         for name in names:
-            value = metrics.get(name)
-            finite = value is not None and math.isfinite(value)
-            non_finite = 1.0 if value is not None and not finite else 0.0
-            if not finite:
-                number = _MISSING
-            else:
-                assert value is not None
-                number = -value if name == REWARD else value  # worst reward = lowest
-            packed += [non_finite, number]
+            reading = readings.get(name)
+            if reading is None:
+                packed += [0.0, 0.0, _MISSING, _MISSING, _MISSING]
+                continue
+            value = reading.value
+            finite = math.isfinite(value)
+            worst = (-value if name == REWARD else value) if finite else _MISSING
+            packed += [
+                1.0,
+                0.0 if finite else 1.0,
+                worst,
+                reading.produced_at,
+                -reading.first_state,
+            ]
         device = trainer.strategy.root_device
         tensor = torch.tensor(packed, dtype=torch.float64, device=device)
         reduced = trainer.strategy.reduce(tensor, reduce_op="max").tolist()
-        agreed: dict[str, float] = {}
+        agreed: dict[str, Reading] = {}
         for index, name in enumerate(names):
-            non_finite, number = reduced[2 * index], reduced[2 * index + 1]
-            if non_finite > 0:
-                agreed[name] = math.nan
-            elif number != _MISSING:
-                agreed[name] = -number if name == REWARD else number
-        for name, value in metrics.items():
-            agreed.setdefault(name, value)
+            present, non_finite, worst, produced, since = reduced[5 * index : 5 * index + 5]
+            if present <= 0:
+                continue
+            value = math.nan if non_finite > 0 else (-worst if name == REWARD else worst)
+            agreed[name] = Reading(value, int(produced), int(-since))
         return agreed
 
-    # ------------------------------------------------------------------ saving
-    def _save(self, trainer: pl.Trainer, step: int, metrics: Mapping[str, float]) -> None:
-        started = time.perf_counter()
-        # The entry goes into the ledger before the dump, so the file's own callback state lists
-        # it (research note §7.5: otherwise a resumed run never retires that file).
-        record = self.guard.record_save(step, metrics)
-        self._next_save = next_save_step(step, self.save_every_n_steps)
-        # `dump_checkpoint` is the dict `trainer.save_checkpoint` writes. It is private API (pinned
-        # by lightning<2.7 in pyproject), used because the only public route, save_checkpoint,
-        # serialises synchronously on the training thread; test_rollback_resume guards it.
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        keep = self._snapshot.payload if self._snapshot is not None else None
-        staged, release = self._staging.stage(checkpoint, keep=keep)
-        blocking = time.perf_counter() - started
-        if self.keep_in_memory:
-            self._snapshot = Snapshot(step, staged)
-        if not self._is_zero:
-            release()
-            return
-        if self._writer is not None:
-            self._writer.submit(step, staged, metrics, record.status, blocking, on_done=release)
-            return
-        write_started = time.perf_counter()
-        try:
-            committed = self.store.commit(step, staged, metrics, record.status)
-        except Exception as err:
-            self._on_write_error(step, err)
-        else:
-            self.observers.on_checkpoint_saved(
-                step, committed.bytes, blocking, time.perf_counter() - write_started
-            )
-        finally:
-            release()
-
-    def _report_write_errors(self) -> None:
-        if self._writer is None:
-            return
-        for error in self._writer.take_errors():
-            self._on_write_error(error.step, error)
-
-    def _on_write_error(self, step: int, error: BaseException) -> None:
-        # The in-memory snapshot of that step stays a valid target; the file does not exist.
-        if self._snapshot is None or self._snapshot.step != step:
-            self.guard.forget({step})
-        self.observers.on_checkpoint_error(step, error)
-
-    def _store_status(self, step: int, status: CheckpointStatus) -> None:
-        if not self._is_zero or self._store is None:
-            return
-        store = self._store
-
-        def update() -> None:
-            store.set_status(step, status)
-
-        if self._writer is not None:
-            self._writer.run_later(step, update)
-        else:
-            update()
-
-    def _store_event(self, event: Mapping[str, Any]) -> None:
-        if not self._is_zero or self._store is None:
-            return
-        store = self._store
-
-        def add() -> None:
-            store.add_event(event)
-
-        if self._writer is not None:
-            self._writer.run_later(int(event["at_step"]), add)
-        else:
-            add()
-
-    # ------------------------------------------------------------------ rollback
-    def _on_trigger(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, obs: Observation
-    ) -> None:
-        trigger = obs.trigger
-        assert trigger is not None
-        if self.dry_run:
-            event = self.guard.record_dry_run(step, obs.target, trigger)
-            self._store_event(event)
-            if self._is_zero:
-                would = f"step={obs.target.step}" if obs.target else "nothing (no checkpoint yet)"
-                log.warning(
-                    "Rollback triggered (dry run, nothing restored): %s; a rollback would restore "
-                    "%s. Training continues unchanged.",
-                    trigger.message,
-                    would,
-                )
-            return
-        if self._is_zero:
-            log.warning("Rollback triggered: %s", trigger.message)
-        if obs.target is None:
-            if self._is_zero and not self._warned_no_target:
-                self._warned_no_target = True
-                log.warning(
-                    "No checkpoint to roll back to yet (first save at step %d); training continues "
-                    "from the current state.",
-                    self._next_save,
-                )
-            return
-        try:
-            self.guard.check_budget(step, trigger)
-        except RollbackBudgetExceeded as err:  # the fit stops; the history says why
-            self._store_event(
-                {
-                    "type": "budget_exceeded",
-                    "at_step": step,
-                    "reason": trigger.reason.value,
-                    "message": str(err),
-                    "time": time.time(),
-                }
-            )
-            self.flush()
-            raise
-        candidates = self.guard.candidates(step)
-        from_memory = self._snapshot is not None and self._snapshot.step == candidates[0].step
-        if not from_memory:
-            # Loading waits for pending writes; under DDP rank 0 flushes, then all read the file.
-            self.flush()
-            self._report_write_errors()
-            if trainer.world_size > 1:
-                trainer.strategy.barrier("rollback_checkpoint_flush")
-            if not self._is_zero:
-                self.store.refresh()
-        source = find_restore_source(candidates, self._snapshot, self.store, self._on_corrupt)
-        with self.store.protect(source.record.step):
-            self._restore(trainer, pl_module, source.payload, source.from_memory)
-        remedies = self._apply_remedies(trainer, step)
-        event = self.guard.record_rollback(
-            step, source.record, trigger, from_memory=source.from_memory, **remedies
-        )
-        for entry in self.guard.ledger:
-            if entry.status == CheckpointStatus.REJECTED.value:
-                self._store_status(entry.step, CheckpointStatus.REJECTED)
-        self._store_event(event)
-        self.observers.on_rollback(step, source.record.step, trigger.reason.value)
-        if self._is_zero:
-            log.warning(format_rolled_back(source.record))
-
-    def _on_corrupt(self, record: CheckpointRecord, error: CheckpointCorruptError) -> None:
-        if self._is_zero:
-            log.error("%s; falling back to the next older checkpoint.", error)
-        self.guard.set_status(record.step, CheckpointStatus.CORRUPT)
-        self.observers.on_checkpoint_error(record.step, error)
-
-    def _restore(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        payload: Mapping[str, Any],
-        from_memory: bool,
-    ) -> None:
-        """Restore in place with public Strategy methods (weights, optimizers, schedulers,
-        precision plugin), plus RNG; then clear gradients."""
-        if from_memory:
-            # The snapshot must stay intact for later rollbacks: the small parts are deep-copied;
-            # weights are copied by Module.load_state_dict, and optimizer states are copied into
-            # the live tensors (or deep-copied, see below).
-            large = ("state_dict", "current_model_state", "optimizer_states")
-            checkpoint = {k: v if k in large else copy.deepcopy(v) for k, v in payload.items()}
-        else:
-            checkpoint = dict(payload)
-        if "current_model_state" in checkpoint:
-            # WeightAveraging swaps the averaged weights into "state_dict" (research note §1.2).
-            checkpoint["state_dict"] = checkpoint["current_model_state"]
-        strategy = trainer.strategy
-        pl_module.on_load_checkpoint(checkpoint)  # the module's RL state (KL coef, normalisers)
-        strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
-        if strategy.lightning_restore_optimizer and "optimizer_states" in checkpoint:
-            states = checkpoint["optimizer_states"]
-            in_place = (
-                from_memory
-                and isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
-                and len(states) == len(trainer.optimizers)
-                and all(
-                    copy_optimizer_state_(optimizer, state)
-                    for optimizer, state in zip(trainer.optimizers, states, strict=True)
-                )
-            )
-            if not in_place:
-                if from_memory:
-                    # Optimizer.load_state_dict keeps same-device tensors by reference: the
-                    # next step would mutate the snapshot (research note §6.1).
-                    checkpoint["optimizer_states"] = copy.deepcopy(states)
-                strategy.load_optimizer_state_dict(checkpoint)
-        if self.restore_scheduler:
-            states = checkpoint.get("lr_schedulers", [])
-            for config, state in zip(trainer.lr_scheduler_configs, states, strict=False):
-                config.scheduler.load_state_dict(state)
-        plugin = trainer.precision_plugin
-        plugin_key = type(plugin).__qualname__
-        if self.restore_precision and plugin_key in checkpoint:
-            plugin.load_state_dict(checkpoint[plugin_key])
-        rng = checkpoint.get(RNG_KEY)
-        # A snapshot holds this rank's own RNG; a file holds rank 0's, so only rank 0 takes it.
-        if rng is not None and (from_memory or self._is_zero):
-            restore_rng_state(rng)
-        for optimizer in trainer.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        pl_module.zero_grad(set_to_none=True)
-
-    def _apply_remedies(self, trainer: pl.Trainer, step: int) -> dict[str, Any]:
+    # ------------------------------------------------------------------ remedies
+    def _remedies(self, trainer: pl.Trainer, step: int) -> dict[str, Any]:
         applied: dict[str, Any] = {}
         if self.lr_factor != 1.0:
             _scale_learning_rates(trainer.optimizers, trainer.lr_scheduler_configs, self.lr_factor)
             applied["lr_factor"] = self.lr_factor
         if self.reseed:
-            seed = step * 1_000_003 + self.guard.rollback_count * 7919 + trainer.global_rank
+            seed = step * 1_000_003 + self.rollback_count * 7919 + trainer.global_rank
             reseed(seed)
             applied["reseed"] = seed % (2**32)
         if self.skip_batches:
@@ -640,32 +602,47 @@ class RollbackCheckpoint(Checkpoint):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "version": STATE_VERSION,
-            "guard": self.guard.state_dict(),
-            "next_save_step": self._next_save,
             "last_step": self._last_step,
             "skip_remaining": self._skip_remaining,
         }
+        if self.engine is not None:
+            state.update(self.engine.state_dict())
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.guard.load_state_dict(state_dict.get("guard", {}))
-        self._next_save = int(state_dict.get("next_save_step", self.save_every_n_steps))
+        version = int(state_dict.get("version", 1))
+        if version > STATE_VERSION:
+            raise CheckpointError(
+                f"{_NAME} state version {version} in this checkpoint is newer than this "
+                f"lightning_fragrance understands ({STATE_VERSION}): upgrade the package."
+            )
+        self._loaded = dict(state_dict)
         self._last_step = int(state_dict.get("last_step", -1))
         self._skip_remaining = int(state_dict.get("skip_remaining", 0))
 
 
-def _worst(first: Mapping[str, float], second: Mapping[str, float]) -> dict[str, float]:
+def _fast_dev_run(trainer: pl.Trainer) -> bool:
+    # Set by the Trainer's debugging connector; typed stubs do not list it.
+    return bool(getattr(trainer, "fast_dev_run", False))
+
+
+def _worst(first: Mapping[str, Reading], second: Mapping[str, Reading]) -> dict[str, Reading]:
     """Per signal, the worse of two readings (higher loss, KL and grad norm, lower reward; a
-    non-finite value wins)."""
+    non-finite value wins), dated to the newer of the two."""
     merged = dict(first)
-    for name, value in second.items():
-        if name not in merged or not math.isfinite(value):
-            merged[name] = value
-        elif math.isfinite(merged[name]):
-            pick = min if name == REWARD else max
-            merged[name] = pick(merged[name], value)
+    for name, reading in second.items():
+        old = merged.get(name)
+        if old is None or not math.isfinite(reading.value):
+            merged[name] = reading
+            continue
+        value = old.value
+        if math.isfinite(value):
+            value = (min if name == REWARD else max)(value, reading.value)
+        since = min(old.first_state, reading.first_state)
+        merged[name] = Reading(value, max(old.produced_at, reading.produced_at), since)
     return merged
 
 

@@ -1,31 +1,41 @@
 """Checkpointing with automatic rollback: the engine (plain Python + torch, no Lightning).
 
-`CheckpointManager` gives a plain PyTorch loop the operations guide's API; the Lightning
-callback `lightning_fragrance.callbacks.RollbackCheckpoint` drives the same pieces
-(`RollbackGuard`, `CheckpointStore`, `AsyncCheckpointWriter`) from the Trainer's hooks.
+`RollbackOrchestrator` is the one save -> judge -> roll back -> record sequence; its drivers are
+`CheckpointManager` (the operations guide's API for a plain PyTorch loop) and the Lightning
+callback `lightning_fragrance.callbacks.RollbackCheckpoint`. Decisions: `RollbackGuard`; files:
+`CheckpointStore` through `AsyncCheckpointWriter`.
 """
 
 from lightning_fragrance.checkpointing.conditions import BaselineMode, RollbackConditions
 from lightning_fragrance.checkpointing.errors import (
     CheckpointCorruptError,
+    CheckpointDirectoryError,
     CheckpointError,
     MissingMetricError,
     NoGoodCheckpointError,
     RollbackBudgetExceeded,
 )
 from lightning_fragrance.checkpointing.guard import Observation, RollbackGuard
-from lightning_fragrance.checkpointing.manager import CheckpointManager, next_save_step
+from lightning_fragrance.checkpointing.manager import CheckpointManager
 from lightning_fragrance.checkpointing.observers import (
     CheckpointObserver,
     LoggingObserver,
     NullObserver,
     ObserverGroup,
 )
+from lightning_fragrance.checkpointing.orchestrator import (
+    RollbackOrchestrator,
+    StateProvider,
+    StepOutcome,
+    next_save_step,
+)
 from lightning_fragrance.checkpointing.records import (
     HISTORY_SCHEMA_VERSION,
     CheckpointRecord,
     CheckpointStatus,
+    Reading,
     RollbackDecision,
+    Trigger,
     checkpoint_file_name,
 )
 from lightning_fragrance.checkpointing.recovery import RestoreSource, Snapshot, find_restore_source
@@ -37,7 +47,7 @@ from lightning_fragrance.checkpointing.snapshot import (
     stage_to_cpu,
 )
 from lightning_fragrance.checkpointing.store import HISTORY_FILE, CheckpointStore
-from lightning_fragrance.checkpointing.triggers import Trigger, TriggerMonitor, evaluate_step
+from lightning_fragrance.checkpointing.triggers import TriggerMonitor, evaluate_step
 from lightning_fragrance.labels import RollbackReason
 
 __all__ = [
@@ -46,6 +56,7 @@ __all__ = [
     "AsyncCheckpointWriter",
     "BaselineMode",
     "CheckpointCorruptError",
+    "CheckpointDirectoryError",
     "CheckpointError",
     "CheckpointManager",
     "CheckpointObserver",
@@ -59,14 +70,18 @@ __all__ = [
     "NullObserver",
     "Observation",
     "ObserverGroup",
+    "Reading",
     "RestoreSource",
     "RollbackBudgetExceeded",
     "RollbackConditions",
     "RollbackDecision",
     "RollbackGuard",
+    "RollbackOrchestrator",
     "RollbackReason",
     "Snapshot",
     "StagingPool",
+    "StateProvider",
+    "StepOutcome",
     "Trigger",
     "TriggerMonitor",
     "checkpoint_file_name",

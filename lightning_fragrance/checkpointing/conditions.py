@@ -19,9 +19,11 @@ class BaselineMode(str, Enum):
 class RollbackConditions:
     """Thresholds of the divergence triggers and the policies around a rollback.
 
-    The defaults reproduce the operations guide exactly (KL 0.03, loss 2.0x, reward drop 30 %,
-    compared with the checkpoint a rollback would restore, acting on the first bad step). Every
-    addition is opt-in or has a neutral default.
+    The thresholds default to the operations guide's (KL 0.03, loss 2.0x, reward drop 30 %,
+    compared with the checkpoint a rollback would restore, acting on the first bad reading).
+    The choice of target does not: a state becomes a rollback target only once fresh evidence
+    produced after it was healthy (``certify=True``); ``certify=False`` is the guide's literal
+    "roll back to the latest checkpoint". Every other addition is opt-in.
 
     Args:
         kl_threshold: Roll back when the KL divergence is above this value (absolute; per-update
@@ -41,12 +43,15 @@ class RollbackConditions:
         grad_norm_threshold: Optional: roll back when the gradient norm exceeds this multiple
             of the baseline grad norm (cosmos uses 10x the window median; grad norm leads
             loss spikes by several steps, BLOOM-176B chronicles). None disables it.
-        certify_after_steps: A checkpoint becomes a preferred rollback target only after this
-            many steps without a bad step (0 = certified at once, the guide's behaviour). Avoids
-            restoring a state saved just as the divergence began (PaLM restarted ~100 steps
-            before the spike).
-        escalate_within_steps: When the trigger fires again within this many steps of a
-            rollback, restore the next older checkpoint instead of the same one (0 = never).
+        certify: Known-good targets (default): a checkpoint becomes a rollback target only once
+            every watched signal produced a healthy value after its state; a checkpoint whose
+            first fresh evidence is bad is rejected. A checkpoint saved after a fault but before
+            the metrics show it (epoch-level or per-rollout logging) holds damaged weights with
+            healthy-looking stale metrics; restoring it restores the fault. False = the guide's
+            literal behaviour: every committed checkpoint is a target, the newest first.
+        certify_after_steps: With ``certify``, also wait this many steps after a checkpoint
+            before it becomes a target (0 = as soon as the evidence is in). PaLM restarted
+            ~100 steps before a spike: a longer wait keeps targets further from the onset.
         max_rollbacks: Maximum number of rollbacks within ``rollback_budget_window`` steps;
             one more trigger raises `RollbackBudgetExceeded`. None = unlimited.
         rollback_budget_window: Width in steps of the budget window.
@@ -60,8 +65,8 @@ class RollbackConditions:
     patience: int = 1
     min_baseline_magnitude: float = 1e-3
     grad_norm_threshold: float | None = None
+    certify: bool = True
     certify_after_steps: int = 0
-    escalate_within_steps: int = 0
     max_rollbacks: int | None = 3
     rollback_budget_window: int = 1000
 
@@ -90,8 +95,8 @@ class RollbackConditions:
             problems.append(f"min_baseline_magnitude={self.min_baseline_magnitude} must be > 0")
         if self.grad_norm_threshold is not None and not self.grad_norm_threshold > 1:
             problems.append(f"grad_norm_threshold={self.grad_norm_threshold} must be > 1 or None")
-        if self.certify_after_steps < 0 or self.escalate_within_steps < 0:
-            problems.append("certify_after_steps and escalate_within_steps must be >= 0")
+        if self.certify_after_steps < 0:
+            problems.append(f"certify_after_steps={self.certify_after_steps} must be >= 0")
         if self.max_rollbacks is not None and self.max_rollbacks < 0:
             problems.append(f"max_rollbacks={self.max_rollbacks} must be >= 0 or None")
         if self.rollback_budget_window < 1:

@@ -28,3 +28,8 @@ class MissingMetricError(CheckpointError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointDirectoryError(CheckpointError):
+    """The checkpoint directory cannot be used: another run's history is there, or this run
+    cannot write to it. The message names the directory and the ways out."""

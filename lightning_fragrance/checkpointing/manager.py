@@ -7,20 +7,23 @@ Usage (the guide's loop)::
         loss, reward, kl = train_step()
         should_rollback, checkpoint, reason = manager.check_rollback(step, loss, reward, kl)
         if should_rollback:
+            print(f"[롤백 트리거] {reason}")      # loss spike 0.50 -> 1.20 (2.40x)
             manager.rollback(policy_net, value_net, optimizer)
         elif manager.should_save(step):
             manager.save_checkpoint(step, policy_net, value_net, optimizer, loss, reward, kl)
 
-The Lightning callback `lightning_fragrance.callbacks.RollbackCheckpoint` drives the same
-engine from the Trainer's hooks.
+A thin driver of `RollbackOrchestrator`, the same sequence the Lightning callback drives. Pending
+background writes are flushed at interpreter exit too, so the guide's loop, which never calls
+`close()`, keeps its last checkpoint.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
-import logging
-import time
-from collections.abc import Iterable, Mapping
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import fsspec
@@ -28,42 +31,72 @@ import torch
 from torch import nn
 
 from lightning_fragrance.checkpointing.conditions import RollbackConditions
-from lightning_fragrance.checkpointing.errors import CheckpointCorruptError
-from lightning_fragrance.checkpointing.guard import RollbackGuard
 from lightning_fragrance.checkpointing.observers import (
     CheckpointObserver,
     LoggingObserver,
     ObserverGroup,
 )
 from lightning_fragrance.checkpointing.optimizer_state import copy_optimizer_state_
+from lightning_fragrance.checkpointing.orchestrator import (
+    RollbackOrchestrator,
+    format_rolled_back,
+    next_save_step,
+    non_finite_parameter,
+)
 from lightning_fragrance.checkpointing.records import (
     CheckpointRecord,
-    CheckpointStatus,
+    Reading,
     RollbackDecision,
+    Trigger,
 )
-from lightning_fragrance.checkpointing.recovery import Snapshot, find_restore_source
 from lightning_fragrance.checkpointing.rng import collect_rng_state, restore_rng_state
-from lightning_fragrance.checkpointing.snapshot import AsyncCheckpointWriter, StagingPool
 from lightning_fragrance.checkpointing.store import CheckpointStore
-from lightning_fragrance.checkpointing.triggers import KL, LOSS, REWARD, Trigger
+from lightning_fragrance.checkpointing.triggers import KL, LOSS, REWARD
+from lightning_fragrance.labels import RollbackReason
 
-log = logging.getLogger("lightning_fragrance.checkpointing")
-
-
-def next_save_step(step: int, interval: int) -> int:
-    """The first step at which to save after saving at ``step``: the next multiple of
-    ``interval``. Saving uses ``step >= next_save`` so manual optimization, which can move
-    ``global_step`` by several per batch, never jumps over a save (research note §6.4)."""
-    return (step // interval + 1) * interval
+__all__ = ["CheckpointManager", "format_rolled_back", "next_save_step"]
 
 
-def format_rolled_back(record: CheckpointRecord) -> str:
-    """The guide's line: ``Rolled back to step=1000, loss=0.5000, reward=20.0000``."""
-    parts = [f"step={record.step}"]
-    for name in (LOSS, REWARD):
-        if name in record.metrics:
-            parts.append(f"{name}={record.metrics[name]:.4f}")
-    return "Rolled back to " + ", ".join(parts)
+class _Nets:
+    """`StateProvider` over the guide's policy net, value net and optimizer."""
+
+    def __init__(
+        self, policy: nn.Module, value: nn.Module | None, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.policy, self.value, self.optimizer = policy, value, optimizer
+        self.extra: dict[str, Any] = {}
+        self.metrics: dict[str, float] = {}
+
+    def capture(self) -> Mapping[str, Any]:
+        return {
+            "policy_state_dict": self.policy.state_dict(),
+            "value_state_dict": self.value.state_dict() if self.value is not None else None,
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "metrics": dict(self.metrics),
+            "rng": collect_rng_state(),
+            "extra": self.extra,
+        }
+
+    def restore(self, state: Mapping[str, Any], from_memory: bool) -> None:
+        self.policy.load_state_dict(state["policy_state_dict"])
+        if self.value is not None and state.get("value_state_dict") is not None:
+            self.value.load_state_dict(state["value_state_dict"])
+        saved = state["optimizer_state_dict"]
+        if not (from_memory and copy_optimizer_state_(self.optimizer, saved)):
+            # Deep copy: Optimizer.load_state_dict aliases same-device tensors, so the next
+            # step would mutate the snapshot (research note §6.1).
+            self.optimizer.load_state_dict(copy.deepcopy(saved))
+        self.optimizer.zero_grad(set_to_none=True)
+        for net in (self.policy, self.value):
+            if net is not None:
+                net.zero_grad(set_to_none=True)
+        if "rng" in state:
+            restore_rng_state(state["rng"])
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        yield from self.policy.parameters()
+        if self.value is not None:
+            yield from self.value.parameters()
 
 
 class CheckpointManager:
@@ -71,14 +104,21 @@ class CheckpointManager:
 
     Args:
         checkpoint_dir: Local directory or fsspec URL.
-        save_interval: Save at the first step at or past each multiple of this.
+        save_interval: Save at the first step at or past each multiple of this. With
+            ``certify``, the first healthy step is saved too, so a fault before the first
+            interval has a known-good state to return to.
         max_checkpoints: Unpinned checkpoints kept on disk.
-        rollback_conditions: Triggers and policies (defaults: the guide).
+        rollback_conditions: Triggers and policies (thresholds: the guide's; targets:
+            known-good, see `RollbackConditions.certify`).
         observers: Told about saves, rollbacks and errors, besides the `LoggingObserver` that is
             always attached (errors are never silent).
         fs: Optional fsspec filesystem (``checkpoint_dir`` is then a path on it).
         async_save: Write in a background thread (the loop only pays for a CPU copy).
         keep_in_memory: Keep the last saved state in memory for instant rollbacks.
+        resume: Continue the history already in ``checkpoint_dir`` (its checkpoints stay
+            rollback targets). Without it, another run's history there is refused.
+        overwrite: Start a new history in a directory holding another run's (set aside).
+        run_id: This run's identity in the history (default: random; kept on resume).
     """
 
     def __init__(
@@ -92,6 +132,9 @@ class CheckpointManager:
         fs: fsspec.AbstractFileSystem | None = None,
         async_save: bool = True,
         keep_in_memory: bool = True,
+        resume: bool = False,
+        overwrite: bool = False,
+        run_id: str | None = None,
     ) -> None:
         if save_interval < 1:
             raise ValueError(f"save_interval={save_interval} must be >= 1")
@@ -99,20 +142,43 @@ class CheckpointManager:
         self.conditions = rollback_conditions or RollbackConditions()
         self.observers = ObserverGroup([LoggingObserver(), *(observers or ())])
         self.store = CheckpointStore(str(checkpoint_dir), max_checkpoints, fs=fs)
-        self.guard = RollbackGuard(self.conditions, max_checkpoints)
-        self.guard.ledger = self.store.records()  # a re-opened directory keeps its targets
-        self.writer = AsyncCheckpointWriter(self.store, [self.observers]) if async_save else None
-        self.keep_in_memory = keep_in_memory
-        self._snapshot: Snapshot | None = None
-        self._staging = StagingPool()
-        self._pending: tuple[int, Trigger] | None = None
+        if resume and run_id is None and self.store.run_id:
+            run_id = self.store.run_id
+        run_id = run_id or uuid.uuid4().hex[:12]
+        self.store.claim(run_id, resume=resume, overwrite=overwrite)
+        self.engine = RollbackOrchestrator(
+            self.store,
+            self.conditions,
+            save_every=save_interval,
+            observers=self.observers,
+            run_id=run_id,
+            async_save=async_save,
+            keep_in_memory=keep_in_memory,
+        )
+        self.guard = self.engine.guard
+        self.guard.ledger = self.store.records()  # a resumed history keeps its targets
         newest = self.guard.ledger[-1].step if self.guard.ledger else 0
-        self._next_save = next_save_step(newest, save_interval) if newest else save_interval
+        self.engine.next_save = next_save_step(newest, save_interval) if newest else save_interval
+        self._pending: tuple[int, Trigger] | None = None
+        self._last_step = newest
+        # The guide's loop never calls close(): flush pending writes at interpreter exit (the
+        # writer thread is a daemon and would die mid-write). A weak reference, so registering
+        # does not keep the manager alive.
+        self._atexit = _flush_at_exit(self)
+
+    @property
+    def writer(self) -> Any:
+        """The background writer (None when ``async_save=False``)."""
+        return self.engine.writer
 
     # ------------------------------------------------------------------ saving
     def should_save(self, step: int) -> bool:
-        """Whether ``step`` reached the next save point (``step >= next save``)."""
-        return step >= self._next_save
+        """Whether to save at ``step``: at or past the next save point, or (known-good
+        targets) the first healthy step while nothing is saved; never on a suspicious step."""
+        if self.engine.guard.suspicious:
+            return False
+        first = self.conditions.certify and not self.guard.ledger and bool(self.guard.last_judged)
+        return first or step >= self.engine.next_save
 
     def save_checkpoint(
         self,
@@ -127,65 +193,36 @@ class CheckpointManager:
         clip_fraction: float | None = None,
         **extra: Any,
     ) -> str:
-        """Save the training state of ``step`` with its metrics; returns the file's path/URL.
+        """Save the training state of ``step`` with its metrics; returns the file's path/URL
+        (empty when the weights were non-finite and nothing was saved: the next
+        `check_rollback` then rolls back).
 
         Numeric ``extra`` values join the metrics; others are stored as they are (they must be
         weights_only-safe: numbers, strings, lists, dicts, tensors).
         """
-        self._surface_errors(step)
+        provider = _Nets(policy_net, value_net, optimizer)
+        bad = non_finite_parameter(provider.parameters())
+        if bad is not None:
+            self.engine.refuse_save(
+                step,
+                Trigger(
+                    RollbackReason.NON_FINITE,
+                    f"non-finite parameters (tensor #{bad}) at step {step}",
+                    "parameters",
+                    float("nan"),
+                ),
+            )
+            return ""
         metrics = _metrics_dict(loss, reward, kl_divergence, entropy, clip_fraction)
-        other: dict[str, Any] = {}
         for key, value in extra.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[key] = float(value)
             else:
-                other[key] = value
-        started = time.perf_counter()
-        keep = self._snapshot.payload if self._snapshot is not None else None
-        payload, release = self._staging.stage(
-            {
-                "step": step,
-                "policy_state_dict": policy_net.state_dict(),
-                "value_state_dict": value_net.state_dict() if value_net is not None else None,
-                "optimizer_state_dict": optimizer.state_dict(),
-                "metrics": dict(metrics),
-                "rng": collect_rng_state(),
-                "extra": other,
-            },
-            keep=keep,
-        )
-        blocking = time.perf_counter() - started
-        record = self.guard.record_save(step, metrics)
-        if self.keep_in_memory:
-            self._snapshot = Snapshot(step, payload)
-        if self.writer is not None:
-            self.writer.submit(step, payload, metrics, record.status, blocking, on_done=release)
-        else:
-            written_at = time.perf_counter()
-            try:
-                committed = self.store.commit(step, payload, metrics, record.status)
-            except Exception as err:
-                self.guard.forget({step})
-                self.observers.on_checkpoint_error(step, err)
-            else:
-                self.observers.on_checkpoint_saved(
-                    step, committed.bytes, blocking, time.perf_counter() - written_at
-                )
-            finally:
-                release()
-        self._next_save = next_save_step(step, self.save_interval)
+                provider.extra[key] = value
+        provider.metrics = metrics
+        record = self.engine.save(step, provider, metrics)
+        self._last_step = max(self._last_step, step)
         return self.store.url(record.file)
-
-    def _surface_errors(self, step: int) -> None:
-        """Write errors of earlier background jobs: logged and reported, never silent."""
-        if self.writer is None:
-            return
-        for error in self.writer.take_errors():
-            self.guard.forget({error.step})
-            if self._snapshot is not None and self._snapshot.step == error.step:
-                # The state itself is fine; only its file is missing. Keep it as a target.
-                self.guard.record_save(error.step, self._snapshot.payload["metrics"])
-            self.observers.on_checkpoint_error(error.step, error)
 
     # ------------------------------------------------------------------ judging
     def check_rollback(
@@ -194,52 +231,43 @@ class CheckpointManager:
         current_loss: float,
         current_reward: float,
         current_kl_divergence: float | None = None,
+        produced_at: int | None = None,
         **metrics: float,
     ) -> RollbackDecision:
-        """Judge the current step against the checkpoint it would roll back to.
+        """Judge the step's values against the checkpoint a rollback would restore.
 
-        Extra keyword metrics (e.g. ``grad_norm=``) feed the optional triggers.
+        Args:
+            current_step: The training step now.
+            current_loss: Loss of this step.
+            current_reward: Reward of this step.
+            current_kl_divergence: KL of this step's update, if measured.
+            produced_at: The step at which these values were produced (default
+                ``current_step``, as in the guide's loop). Values not newer than the last
+                judged ones, or older than the last rollback, are not judged again.
+            **metrics: Extra signals for the optional triggers (e.g. ``grad_norm=``).
 
         Returns:
-            ``(should_rollback, checkpoint, reason)``.
+            ``(should_rollback, checkpoint, reason)``; ``str(reason)`` is the guide-style
+            message, ``reason.code`` the `RollbackReason` value.
 
         Raises:
             RollbackBudgetExceeded: The trigger fired but the rollback budget is spent.
         """
-        self._surface_errors(current_step)
+        at = current_step if produced_at is None else produced_at
         values = _metrics_dict(current_loss, current_reward, current_kl_divergence, None, None)
         values.update({k: float(v) for k, v in metrics.items()})
-        observation = self.guard.observe(current_step, values)
-        self._apply_certified(observation.certified)
+        readings = {name: Reading(value, at) for name, value in values.items()}
+        self._last_step = max(self._last_step, current_step)
+        observation = self.engine.judge(current_step, readings)
         trigger = observation.trigger
         if not observation.fire or trigger is None:
             return RollbackDecision(False, None, None)
-        log.warning("Rollback triggered: %s", trigger.message)
-        if observation.target is None:
-            log.warning(
-                "No checkpoint to roll back to yet (first save at step %d); training continues "
-                "from the current state.",
-                self._next_save,
-            )
+        target = self.engine.prepare(current_step, trigger)
+        if target is None:
             self._pending = None
-            return RollbackDecision(True, None, trigger.reason.value)
-        self.guard.check_budget(current_step, trigger)
+            return RollbackDecision(True, None, trigger)
         self._pending = (current_step, trigger)
-        target = self.store.record(observation.target.step) or observation.target
-        return RollbackDecision(True, target, trigger.reason.value)
-
-    def _apply_certified(self, steps: Iterable[int]) -> None:
-        for step in steps:
-            self._store_update(step, CheckpointStatus.CERTIFIED)
-
-    def _store_update(self, step: int, status: CheckpointStatus) -> None:
-        def update() -> None:
-            self.store.set_status(step, status)
-
-        if self.writer is not None:
-            self.writer.run_later(step, update)
-        else:
-            update()
+        return RollbackDecision(True, self.store.record(target.step) or target, trigger)
 
     # ------------------------------------------------------------------ rollback
     def rollback(
@@ -254,61 +282,17 @@ class CheckpointManager:
         A file that fails its sha256 is marked corrupt and the next older checkpoint is used.
 
         Returns:
-            The restored checkpoint, or None when nothing has been saved yet.
+            The restored checkpoint, or None when there is nothing to restore.
 
         Raises:
             NoGoodCheckpointError: Checkpoints exist but none is intact.
         """
-        if self.writer is not None:
-            self.writer.flush()  # loading waits for pending writes
-            self._surface_errors(-1)
-        at_step, trigger = self._pending or (self._latest_step(), None)
+        at_step, trigger = self._pending or (self._last_step, None)
         self._pending = None
-        candidates = self.guard.candidates(at_step)
-        if not candidates:
-            return None
-        source = find_restore_source(candidates, self._snapshot, self.store, self._on_corrupt)
-        payload = source.payload
-        policy_net.load_state_dict(payload["policy_state_dict"])
-        if value_net is not None and payload.get("value_state_dict") is not None:
-            value_net.load_state_dict(payload["value_state_dict"])
-        saved_optimizer = payload["optimizer_state_dict"]
-        if not (source.from_memory and copy_optimizer_state_(optimizer, saved_optimizer)):
-            # Deep copy: Optimizer.load_state_dict aliases same-device tensors, so the next
-            # step would mutate the snapshot (research note §6.1).
-            optimizer.load_state_dict(copy.deepcopy(saved_optimizer))
-        optimizer.zero_grad(set_to_none=True)
-        policy_net.zero_grad(set_to_none=True)
-        if value_net is not None:
-            value_net.zero_grad(set_to_none=True)
-        if "rng" in payload:
-            restore_rng_state(payload["rng"])
-        record = source.record
-        if trigger is not None:
-            event = self.guard.record_rollback(
-                at_step, record, trigger, from_memory=source.from_memory
-            )
-            self._record_event(event)
-            self.observers.on_rollback(at_step, record.step, trigger.reason.value)
-        log.warning(format_rolled_back(record))
-        return record
-
-    def _on_corrupt(self, record: CheckpointRecord, error: CheckpointCorruptError) -> None:
-        log.error("%s; falling back to the next older checkpoint.", error)
-        self.guard.set_status(record.step, CheckpointStatus.CORRUPT)
-        self.observers.on_checkpoint_error(record.step, error)
-
-    def _record_event(self, event: Mapping[str, Any]) -> None:
-        def add() -> None:
-            self.store.add_event(event)
-
-        if self.writer is not None:
-            self.writer.run_later(int(event["at_step"]), add)
-        else:
-            add()
-
-    def _latest_step(self) -> int:
-        return self.guard.ledger[-1].step if self.guard.ledger else 0
+        provider = _Nets(policy_net, value_net, optimizer)
+        if trigger is None:  # a rollback the guard did not ask for: an operator's
+            trigger = Trigger(RollbackReason.MANUAL, "manual rollback", "manual", 0.0)
+        return self.engine.restore(at_step, trigger, provider)
 
     # ------------------------------------------------------------------ queries
     def list_checkpoints(self) -> list[CheckpointRecord]:
@@ -318,8 +302,7 @@ class CheckpointManager:
 
     def find_stable_checkpoint(self, before_step: int | None = None) -> CheckpointRecord | None:
         """The checkpoint a rollback at ``before_step`` (default: now) would restore."""
-        step = self._latest_step() if before_step is None else before_step
-        return self.guard.target(step)
+        return self.guard.target(self._last_step if before_step is None else before_step)
 
     @property
     def rollback_count(self) -> int:
@@ -333,21 +316,30 @@ class CheckpointManager:
 
     def flush(self) -> None:
         """Wait until every pending write is durable; report write errors."""
-        if self.writer is not None:
-            self.writer.flush()
-            self._surface_errors(-1)
+        self.engine.flush()
 
     def close(self) -> None:
         """Flush and stop the background writer."""
-        self.flush()
-        if self.writer is not None:
-            self.writer.close()
+        self.engine.close()
+        atexit.unregister(self._atexit)
 
     def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _flush_at_exit(manager: CheckpointManager) -> Any:
+    ref = weakref.ref(manager)
+
+    def flush() -> None:
+        alive = ref()
+        if alive is not None:
+            alive.close()
+
+    atexit.register(flush)
+    return flush
 
 
 def _metrics_dict(

@@ -10,17 +10,21 @@ import dataclasses
 from enum import Enum
 from typing import Any, NamedTuple
 
-HISTORY_SCHEMA_VERSION = 1
-"""Version of `checkpoint_history.json`; bumped when the layout of an entry changes."""
+from lightning_fragrance.labels import RollbackReason
+
+HISTORY_SCHEMA_VERSION = 2
+"""Version of `checkpoint_history.json`; bumped when the layout of an entry changes (2: run id,
+the evidence that certified an entry and the note saying why one was rejected)."""
 
 
 class CheckpointStatus(str, Enum):
     """Life cycle of a committed checkpoint.
 
-    ``pending`` until it has been followed by ``certify_after_steps`` healthy steps, then
-    ``certified``. ``corrupt`` when its file failed the sha256 check. ``rejected`` when a trigger
-    fired before it was certified: it may hold the onset of the divergence, so it is never a
-    rollback target again (it stays on disk for forensics until retention removes it).
+    ``pending`` until fresh evidence produced after its state was healthy, then ``certified``
+    (a known-good rollback target). ``corrupt`` when its file failed the sha256 check or the
+    safe load. ``rejected`` when the evidence after it was bad, it was restored and the fault
+    came back, or it belongs to an abandoned branch: never a rollback target again (it stays on
+    disk for forensics until retention removes it; ``note`` says why).
     """
 
     PENDING = "pending"
@@ -48,6 +52,12 @@ class CheckpointRecord:
         metrics: Training metrics at that step (loss, reward, kl_divergence, ...).
         status: One of the `CheckpointStatus` values.
         pinned: Pinned checkpoints are never deleted and do not count toward retention.
+        run_id: The run that wrote it (its lineage).
+        evidence: The first healthy value of each watched signal produced after this state
+            (what certified it; the baseline of the "checkpoint" mode besides ``metrics``).
+        note: Why it was rejected or is corrupt, for people reading the history.
+        initial: The state the run started from (taken at train start): the last-resort
+            target while nothing is certified yet.
     """
 
     step: int
@@ -58,6 +68,10 @@ class CheckpointRecord:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     status: str = CheckpointStatus.PENDING.value
     pinned: bool = False
+    run_id: str = ""
+    evidence: dict[str, float] = dataclasses.field(default_factory=dict)
+    note: str = ""
+    initial: bool = False
 
     @property
     def is_rollback_target(self) -> bool:
@@ -74,8 +88,63 @@ class CheckpointRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs["step"] = int(kwargs["step"])
-        kwargs["metrics"] = {str(k): float(v) for k, v in dict(kwargs.get("metrics", {})).items()}
+        for name in ("metrics", "evidence"):
+            kwargs[name] = {str(k): float(v) for k, v in dict(kwargs.get(name, {})).items()}
         return cls(**kwargs)
+
+    def baseline(self) -> dict[str, float]:
+        """What the "checkpoint" baseline mode compares with: the metrics recorded at the save
+        (the guide's figures), completed by the certifying evidence for signals it lacks."""
+        return {**self.evidence, **self.metrics}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """One value of a watched signal and when it was produced.
+
+    Steps count optimizer updates: the value read at step ``t`` (after update ``t``) was
+    computed from state ``t - 1`` (a loss before its backward, a rollout's reward) or from the
+    update ``t - 1 -> t`` (its KL). A state is judged only by readings produced after it.
+
+    Attributes:
+        value: The number.
+        produced_at: Step at which it was produced (logged or returned).
+        since: The oldest state that contributed to it. Default ``produced_at - 1``; an
+            epoch-level mean covers every state since the epoch began; a validation run judges
+            exactly the state it evaluated (``produced_at``).
+    """
+
+    value: float
+    produced_at: int
+    since: int | None = None
+
+    @property
+    def first_state(self) -> int:
+        """The oldest state this value reflects."""
+        return self.produced_at - 1 if self.since is None else self.since
+
+
+@dataclasses.dataclass(frozen=True)
+class Trigger:
+    """A bad reading: the rule, and the guide-style message with its figures.
+
+    ``str(trigger)`` is the message (``loss spike 0.50 -> 1.20 (2.40x)``), what the guide
+    prints after ``[롤백 트리거]``; ``code`` is the stable value for programs and metrics.
+    """
+
+    reason: RollbackReason
+    message: str
+    metric: str
+    value: float
+    baseline: float | None = None
+
+    @property
+    def code(self) -> str:
+        """The `RollbackReason` value (``"loss_spike"``), for programs and metric labels."""
+        return self.reason.value
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class RollbackDecision(NamedTuple):
@@ -84,12 +153,13 @@ class RollbackDecision(NamedTuple):
     Attributes:
         should_rollback: True when the step is judged divergent (also in dry-run mode).
         checkpoint: The checkpoint a rollback would restore, if any is available.
-        reason: A `RollbackReason` value, or None when healthy.
+        reason: The `Trigger` (``str(reason)`` is the guide-style message, ``reason.code`` the
+            `RollbackReason` value), or None when healthy.
     """
 
     should_rollback: bool
     checkpoint: CheckpointRecord | None
-    reason: str | None
+    reason: Trigger | None
 
 
 def checkpoint_file_name(step: int) -> str:

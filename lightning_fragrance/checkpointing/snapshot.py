@@ -180,6 +180,8 @@ class AsyncCheckpointWriter:
         status: str | CheckpointStatus = CheckpointStatus.PENDING,
         blocking_seconds: float = 0.0,
         on_done: Callable[[], None] | None = None,
+        run_id: str = "",
+        initial: bool = False,
     ) -> None:
         """Queue ``staged_payload`` (from `stage_to_cpu`; never mutate it afterwards).
 
@@ -191,13 +193,17 @@ class AsyncCheckpointWriter:
             blocking_seconds: Staging time already spent by the caller (reported to observers).
             on_done: Called on the writer thread once the payload is no longer read (after the
                 commit, or its failure), e.g. `StagingPool`'s release.
+            run_id: The run recorded in the history entry.
+            initial: Whether it is the run's initial state.
         """
         self._check_open()
         metrics = dict(metrics)
         self._staged_slot.acquire()  # back-pressure: at most one staged checkpoint waiting
 
         def commit() -> CheckpointRecord:
-            return self.store.commit(step, staged_payload, metrics, status)
+            return self.store.commit(
+                step, staged_payload, metrics, status, run_id=run_id, initial=initial
+            )
 
         self._queue.put(
             _Job(step, commit, staged=True, blocking_seconds=blocking_seconds, on_done=on_done)

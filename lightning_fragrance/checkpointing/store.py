@@ -28,7 +28,11 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from lightning_fragrance.checkpointing.errors import CheckpointCorruptError, CheckpointError
+from lightning_fragrance.checkpointing.errors import (
+    CheckpointCorruptError,
+    CheckpointDirectoryError,
+    CheckpointError,
+)
 from lightning_fragrance.checkpointing.hashing_writer import HashingWriter
 from lightning_fragrance.checkpointing.records import (
     HISTORY_SCHEMA_VERSION,
@@ -57,6 +61,10 @@ class CheckpointStore:
             (``directory`` is then a path on it); handy for tests that inject failures.
         read_only: Never write (non-zero DDP ranks, the ``verify``/``list`` CLI): no sweep, no
             history rewrite, corruption is reported but not recorded.
+
+    Attributes:
+        run_id: The run the history belongs to ("" for a history written before run ids, or
+            none yet); set by `claim`.
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class CheckpointStore:
         self._protected: dict[int, int] = {}
         self._entries: list[CheckpointRecord] = []
         self._events: list[dict[str, Any]] = []
+        self.run_id = ""
         if not read_only:
             self.fs.makedirs(self.directory, exist_ok=True)
             self._sweep_orphans()
@@ -126,6 +135,77 @@ class CheckpointStore:
             entries = [CheckpointRecord.from_dict(e) for e in doc.get("entries", [])]
             self._entries = sorted(entries, key=lambda r: r.step)
             self._events = list(doc.get("events", []))
+            self.run_id = str(doc.get("run_id", ""))
+
+    # ------------------------------------------------------------------ run identity
+    def claim(self, run_id: str, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Make the history this run's (writers call it once, before the first save).
+
+        An empty directory, this run's own history, or (with ``resume``) a history written
+        before run ids existed is taken as it is. Another run's history is refused, or with
+        ``overwrite`` set aside as ``checkpoint_history.<its run id>.json`` (its files are left
+        untouched and are no longer checkpoints of this directory).
+
+        Raises:
+            CheckpointDirectoryError: Another run's history is here.
+        """
+        with self._lock:
+            self.refresh()
+            ours = self.run_id == run_id or (resume and not self.run_id)
+            if self._entries and not ours:
+                if not overwrite:
+                    raise CheckpointDirectoryError(self._foreign_run_message(run_id))
+                self._set_aside_history()
+            self.run_id = run_id
+            for entry in self._entries:
+                entry.run_id = entry.run_id or run_id
+            self._write_history()
+
+    def _foreign_run_message(self, run_id: str) -> str:
+        steps = [e.step for e in self._entries]
+        owner = f"run_id={self.run_id}" if self.run_id else "a run from before run ids"
+        newest = self.path(self._entries[-1].file)
+        return (
+            f"{self.directory} holds the checkpoints of another run ({owner}, steps "
+            f"{steps[0]}-{steps[-1]}); this run is {run_id}. Using it would merge the histories, "
+            "overwrite same-numbered files and let retention delete this run's checkpoints. "
+            "Choose another directory (RollbackCheckpoint's default, dirpath=None, gives each "
+            f"run its own under the Trainer's log_dir), resume that run (trainer.fit(model, "
+            f"ckpt_path={newest!r}), or CheckpointManager(..., resume=True)), or pass "
+            "overwrite=True to start a new history here (the old one is kept as "
+            f"checkpoint_history.<run id>.json; its files are left untouched)."
+        )
+
+    def _set_aside_history(self) -> None:
+        name = f"checkpoint_history.{self.run_id or 'unnamed'}.{int(time.time())}.json"
+        if self.fs.exists(self.history_path):
+            self._atomic_write_bytes(name, self.fs.cat_file(self.history_path))
+        log.warning(
+            "Starting a new history in %s; the previous run's history is kept as %s and its "
+            "files are left untouched.",
+            self.directory,
+            name,
+        )
+        self._entries, self._events = [], []
+
+    def check_writable(self, owner: str) -> None:
+        """Fail now, with the path, if this directory cannot be written (a probe file).
+
+        Raises:
+            CheckpointDirectoryError: The directory cannot be created or written.
+        """
+        probe = f".write_probe{TMP_SUFFIX}"
+        try:
+            self.fs.makedirs(self.directory, exist_ok=True)
+            self._atomic_write_bytes(probe, b"")
+            self.fs.rm(self.path(probe))
+        except OSError as err:
+            raise CheckpointDirectoryError(
+                f"{owner}: cannot write checkpoints to {self.directory} ({type(err).__name__}: "
+                f"{err}). Give it a directory this process can write (dirpath=...), or fix the "
+                "permissions; to only inspect or export existing checkpoints, open the store "
+                "read-only (lf-checkpoints list/verify)."
+            ) from err
 
     def records(self) -> list[CheckpointRecord]:
         """Committed checkpoints, oldest first (copies: mutate through the store's methods)."""
@@ -151,8 +231,16 @@ class CheckpointStore:
             self._events.append(json.loads(json.dumps(dict(event))))
             self._write_history()
 
-    def set_status(self, step: int, status: str | CheckpointStatus) -> None:
-        """Change a committed checkpoint's status (certified, corrupt, rejected)."""
+    def set_status(
+        self,
+        step: int,
+        status: str | CheckpointStatus,
+        *,
+        evidence: Mapping[str, float] | None = None,
+        note: str = "",
+    ) -> None:
+        """Change a committed checkpoint's status (certified, corrupt, rejected), with the
+        evidence that certified it or the note that says why it was rejected."""
         value = CheckpointStatus(status).value
         with self._lock:
             matches = [e for e in self._entries if e.step == step]
@@ -160,8 +248,11 @@ class CheckpointStore:
                 log.debug("set_status(%d, %s): no committed checkpoint at that step", step, value)
                 return
             entry = matches[0]
-            if entry.status != value:
-                entry.status = value
+            new_evidence = dict(evidence) if evidence is not None else entry.evidence
+            changed = (entry.status, entry.evidence, entry.note) != (value, new_evidence, note)
+            if changed:
+                entry.status, entry.evidence = value, new_evidence
+                entry.note = note or entry.note
                 self._write_history()
 
     def pin(self, step: int) -> CheckpointRecord:
@@ -194,6 +285,7 @@ class CheckpointStore:
             return
         doc = {
             "schema_version": HISTORY_SCHEMA_VERSION,
+            "run_id": self.run_id,
             "entries": [e.to_dict() for e in self._entries],
             "events": self._events,
         }
@@ -207,6 +299,9 @@ class CheckpointStore:
         payload: Mapping[str, Any],
         metrics: Mapping[str, float],
         status: str | CheckpointStatus = CheckpointStatus.PENDING,
+        *,
+        run_id: str = "",
+        initial: bool = False,
     ) -> CheckpointRecord:
         """Write ``payload`` as the checkpoint of ``step`` and make it part of the history.
 
@@ -228,6 +323,8 @@ class CheckpointStore:
                 created_at=time.time(),
                 metrics={str(k): float(v) for k, v in metrics.items()},
                 status=CheckpointStatus(status).value,
+                run_id=run_id or self.run_id,
+                initial=initial,
             )
             with self._lock:
                 self._entries = [e for e in self._entries if e.step != step]
@@ -398,24 +495,26 @@ class CheckpointStore:
             try:
                 data = self._read_verified(record)
                 loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except CheckpointCorruptError:
-                self._mark_corrupt(record.step)
+            except CheckpointCorruptError as err:
+                self._mark_corrupt(record.step, str(err))
                 raise
             except Exception as err:
-                self._mark_corrupt(record.step)
-                raise CheckpointCorruptError(
+                message = (
                     f"{record.file} (step {record.step}) matches its sha256 but cannot be loaded "
                     f"with torch.load(weights_only=True): {err}"
-                ) from err
+                )
+                self._mark_corrupt(record.step, message)
+                raise CheckpointCorruptError(message) from err
         if not isinstance(loaded, dict):
             raise CheckpointCorruptError(f"{record.file} does not hold a checkpoint dict")
         return loaded
 
-    def _mark_corrupt(self, step: int) -> None:
+    def _mark_corrupt(self, step: int, why: str) -> None:
         with self._lock:
             for entry in self._entries:
                 if entry.step == step:
                     entry.status = CheckpointStatus.CORRUPT.value
+                    entry.note = why
                     self._write_history()
 
     def steps(self) -> Iterable[int]:

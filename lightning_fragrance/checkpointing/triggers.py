@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Mapping
 
 from lightning_fragrance.checkpointing.conditions import BaselineMode, RollbackConditions
+from lightning_fragrance.checkpointing.records import Trigger
 from lightning_fragrance.labels import RollbackReason
 
 LOSS = "loss"
@@ -21,17 +22,6 @@ KL = "kl_divergence"
 GRAD_NORM = "grad_norm"
 SIGNALS = (LOSS, REWARD, KL, GRAD_NORM)
 """Metric names the triggers read; other metrics are carried along but not judged."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Trigger:
-    """A bad step: why, and a message naming the metric, its value and the threshold."""
-
-    reason: RollbackReason
-    message: str
-    metric: str
-    value: float
-    baseline: float | None = None
 
 
 def _magnitude(value: float, floor: float) -> float:

@@ -43,9 +43,11 @@ def test_guide_scenario_logs_the_guide_lines(
     with CheckpointManager(str(tmp_path), save_interval=500, max_checkpoints=5) as manager:
         assert not manager.should_save(499) and manager.should_save(500)
         manager.save_checkpoint(1000, policy, value, optimizer, loss=0.5, reward=20.0)
+        # Healthy evidence produced after the save makes step 1000 a known-good target.
         assert manager.check_rollback(1100, 0.45, 22.0) == (False, None, None)
         should_rollback, checkpoint, reason = manager.check_rollback(1200, 1.2, 18.0)
-        assert should_rollback and reason == "loss_spike"
+        assert should_rollback and reason is not None and reason.code == "loss_spike"
+        assert str(reason) == "loss spike 0.50 -> 1.20 (2.40x)"  # the guide's [롤백 트리거] text
         assert checkpoint is not None and checkpoint.step == 1000
         restored = manager.rollback(policy, value, optimizer)
         assert restored is not None and restored.step == 1000
@@ -72,6 +74,7 @@ def test_rollback_restores_weights_adam_state_and_rng_exactly(tmp_path: Path) ->
         train_step(policy, value, optimizer)
     manager = CheckpointManager(str(tmp_path), save_interval=1, keep_in_memory=False)
     manager.save_checkpoint(3, policy, value, optimizer, loss=1.0, reward=1.0)
+    assert not manager.check_rollback(4, 1.0, 1.0).should_rollback  # certifies step 3
     saved_policy = {k: v.clone() for k, v in policy.state_dict().items()}
     saved_state = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state.items()}
     expected_draws = (torch.rand(3), np.random.rand(3), random.random())
@@ -95,11 +98,15 @@ def test_in_memory_rollback_does_not_alias_the_snapshot(tmp_path: Path) -> None:
     train_step(policy, value, optimizer)
     manager = CheckpointManager(str(tmp_path), save_interval=1)
     manager.save_checkpoint(1, policy, value, optimizer, loss=1.0, reward=1.0)
+    manager.check_rollback(1, 1.0, 1.0, produced_at=1)  # evidence about state 0: too old
+    assert manager.find_stable_checkpoint() is None
+    manager.check_rollback(2, 1.0, 1.0)  # produced after state 1: it is known-good
     weights = [p.detach().clone() for p in policy.parameters()]
-    for step in (2, 3):
+    for step in (3, 5):
         train_step(policy, value, optimizer)
         assert manager.check_rollback(step, float("inf"), 1.0).should_rollback
         manager.rollback(policy, value, optimizer)
+        manager.check_rollback(step + 1, 1.0, 1.0)  # healthy after the restore
         # Both rollbacks land on the same state: the first one's training did not leak
         # into the snapshot through aliased optimizer tensors.
         assert all(torch.equal(p, w) for p, w in zip(policy.parameters(), weights, strict=True))
@@ -110,8 +117,10 @@ def test_corrupt_newest_file_falls_back_to_the_next_older(tmp_path: Path) -> Non
     policy, value, optimizer = nets()
     manager = CheckpointManager(str(tmp_path), save_interval=10, keep_in_memory=False)
     manager.save_checkpoint(10, policy, value, optimizer, loss=1.0, reward=1.0)
+    manager.check_rollback(11, 1.0, 1.0)
     train_step(policy, value, optimizer)
     manager.save_checkpoint(20, policy, value, optimizer, loss=1.0, reward=1.0)
+    manager.check_rollback(21, 1.0, 1.0)
     manager.flush()
     path = tmp_path / "checkpoint_step_20.ckpt"
     path.write_bytes(path.read_bytes()[:-100])  # truncated
@@ -126,6 +135,7 @@ def test_no_intact_checkpoint_left_is_a_clear_error(tmp_path: Path) -> None:
     policy, value, optimizer = nets()
     manager = CheckpointManager(str(tmp_path), save_interval=10, keep_in_memory=False)
     manager.save_checkpoint(10, policy, value, optimizer, loss=1.0, reward=1.0)
+    manager.check_rollback(11, 1.0, 1.0)
     manager.flush()
     path = tmp_path / "checkpoint_step_10.ckpt"
     data = bytearray(path.read_bytes())
@@ -141,7 +151,8 @@ def test_trigger_before_any_checkpoint_returns_none(tmp_path: Path) -> None:
     policy, value, optimizer = nets()
     with CheckpointManager(str(tmp_path)) as manager:
         decision = manager.check_rollback(3, 1.0, 1.0, current_kl_divergence=0.5)
-        assert decision == (True, None, "kl_spike")
+        assert decision.should_rollback and decision.checkpoint is None
+        assert decision.reason is not None and decision.reason.code == "kl_spike"
         assert manager.rollback(policy, value, optimizer) is None
 
 
@@ -149,7 +160,8 @@ def test_reopened_directory_offers_its_checkpoints_as_targets(tmp_path: Path) ->
     policy, value, optimizer = nets()
     with CheckpointManager(str(tmp_path), save_interval=10) as manager:
         manager.save_checkpoint(10, policy, value, optimizer, loss=0.5, reward=2.0)
-    with CheckpointManager(str(tmp_path), save_interval=10) as reopened:
+        manager.check_rollback(11, 0.5, 2.0)
+    with CheckpointManager(str(tmp_path), save_interval=10, resume=True) as reopened:
         assert not reopened.should_save(19) and reopened.should_save(20)
         stable = reopened.find_stable_checkpoint()
         assert stable is not None and stable.step == 10
@@ -165,7 +177,9 @@ def test_budget_exceeded_stops_the_loop(tmp_path: Path) -> None:
     conditions = RollbackConditions(max_rollbacks=1)
     with CheckpointManager(str(tmp_path), save_interval=1, rollback_conditions=conditions) as m:
         m.save_checkpoint(1, policy, value, optimizer, loss=1.0, reward=1.0)
-        assert m.check_rollback(2, 9.0, 1.0).should_rollback
+        assert not m.check_rollback(2, 1.0, 1.0).should_rollback
+        assert m.check_rollback(3, 9.0, 1.0).should_rollback
         m.rollback(policy, value, optimizer)
+        assert not m.check_rollback(4, 1.0, 1.0).should_rollback  # step 1 proved itself again
         with pytest.raises(RollbackBudgetExceeded, match=r"checkpoint_step_1\.ckpt"):
-            m.check_rollback(3, 9.0, 1.0)
+            m.check_rollback(5, 9.0, 1.0)

@@ -1,0 +1,108 @@
+"""The Trainer's training state as the orchestrator's `StateProvider`.
+
+Capture is the dict `Trainer.save_checkpoint` writes (a standard Lightning checkpoint); restore
+is the sequence Lightning runs on resume, minus the loops, through public `Strategy` methods
+(research note §2.2): module hook, weights, optimizers, schedulers, precision plugin, RNG.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from lightning_fragrance.checkpointing import restore_rng_state
+from lightning_fragrance.checkpointing.optimizer_state import copy_optimizer_state_
+
+RNG_KEY = "lightning_fragrance_rng"
+"""Key under which every checkpoint written while the guard is active carries the RNG state of
+rank 0 (Lightning checkpoints carry none, research note §1.2)."""
+
+
+class TrainerState:
+    """`StateProvider` over a running Trainer and its module.
+
+    Args:
+        trainer: The Trainer.
+        pl_module: Its LightningModule.
+        restore_scheduler: Restore LR schedulers with the rest.
+        restore_precision: Restore the precision plugin (GradScaler scale).
+    """
+
+    def __init__(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        restore_scheduler: bool = True,
+        restore_precision: bool = True,
+    ) -> None:
+        self.trainer, self.pl_module = trainer, pl_module
+        self.restore_scheduler = restore_scheduler
+        self.restore_precision = restore_precision
+
+    def capture(self) -> Mapping[str, Any]:
+        # `dump_checkpoint` is the dict `trainer.save_checkpoint` writes. Private API (pinned by
+        # lightning<2.7 in pyproject), used because the public route serialises synchronously
+        # on the training thread; test_rollback_resume guards it.
+        return self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        return self.pl_module.parameters()
+
+    def restore(self, state: Mapping[str, Any], from_memory: bool) -> None:
+        trainer, pl_module = self.trainer, self.pl_module
+        if from_memory:
+            # The snapshot must stay intact for later rollbacks: the small parts are deep-copied;
+            # weights are copied by Module.load_state_dict, optimizer states copied into the
+            # live tensors (or deep-copied below).
+            large = ("state_dict", "current_model_state", "optimizer_states")
+            checkpoint = {k: v if k in large else copy.deepcopy(v) for k, v in state.items()}
+        else:
+            checkpoint = dict(state)
+        if "current_model_state" in checkpoint:
+            # WeightAveraging swaps the averaged weights into "state_dict" (research note §1.2).
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
+        strategy = trainer.strategy
+        pl_module.on_load_checkpoint(checkpoint)  # the module's RL state (KL coef, normalisers)
+        strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
+        if strategy.lightning_restore_optimizer and "optimizer_states" in checkpoint:
+            self._restore_optimizers(checkpoint, from_memory)
+        if self.restore_scheduler:
+            states = checkpoint.get("lr_schedulers", [])
+            for config, saved in zip(trainer.lr_scheduler_configs, states, strict=False):
+                config.scheduler.load_state_dict(saved)
+        plugin = trainer.precision_plugin
+        plugin_key = type(plugin).__qualname__
+        if self.restore_precision and plugin_key in checkpoint:
+            plugin.load_state_dict(checkpoint[plugin_key])
+        rng = checkpoint.get(RNG_KEY)
+        # A snapshot holds this rank's own RNG; a file holds rank 0's, so only rank 0 takes it.
+        if rng is not None and (from_memory or trainer.is_global_zero):
+            restore_rng_state(rng)
+        for optimizer in trainer.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        pl_module.zero_grad(set_to_none=True)
+
+    def _restore_optimizers(self, checkpoint: dict[str, Any], from_memory: bool) -> None:
+        trainer, strategy = self.trainer, self.trainer.strategy
+        states = checkpoint["optimizer_states"]
+        in_place = (
+            from_memory
+            and isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+            and len(states) == len(trainer.optimizers)
+            and all(
+                copy_optimizer_state_(optimizer, saved)
+                for optimizer, saved in zip(trainer.optimizers, states, strict=True)
+            )
+        )
+        if in_place:
+            return
+        if from_memory:
+            # Optimizer.load_state_dict keeps same-device tensors by reference: the next step
+            # would mutate the snapshot (research note §6.1).
+            checkpoint["optimizer_states"] = copy.deepcopy(states)
+        strategy.load_optimizer_state_dict(checkpoint)

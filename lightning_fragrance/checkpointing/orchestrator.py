@@ -1,0 +1,441 @@
+"""`RollbackOrchestrator`: save -> judge -> roll back -> record, once, for every driver.
+
+The Lightning callback, `CheckpointManager` (the guide's plain loop) and any other loop
+(Fabric) drive this one sequence; they only translate their hooks into `step` (or its parts)
+and hand over a `StateProvider` that says what to save and how to restore it. Decisions come
+from `RollbackGuard` (pure); files from `CheckpointStore` through one ordered background
+writer; the fast path of a rollback is the in-memory snapshot of the newest save. No Lightning
+import: DDP agreement and framework state stay in the adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from lightning_fragrance.checkpointing.conditions import RollbackConditions
+from lightning_fragrance.checkpointing.errors import CheckpointCorruptError, RollbackBudgetExceeded
+from lightning_fragrance.checkpointing.guard import Observation, RollbackGuard
+from lightning_fragrance.checkpointing.observers import ObserverGroup
+from lightning_fragrance.checkpointing.records import (
+    CheckpointRecord,
+    CheckpointStatus,
+    Reading,
+    Trigger,
+)
+from lightning_fragrance.checkpointing.recovery import Snapshot, find_restore_source
+from lightning_fragrance.checkpointing.snapshot import AsyncCheckpointWriter, StagingPool
+from lightning_fragrance.checkpointing.store import CheckpointStore
+from lightning_fragrance.checkpointing.triggers import LOSS, REWARD, Verdict
+from lightning_fragrance.labels import RollbackReason
+
+log = logging.getLogger("lightning_fragrance.checkpointing")
+
+
+class StateProvider(Protocol):
+    """What a driver lends the orchestrator: the training state, to save and to restore."""
+
+    def capture(self) -> Mapping[str, Any]:
+        """The state to save now (live tensors are fine: the orchestrator stages a copy)."""
+        ...
+
+    def restore(self, state: Mapping[str, Any], from_memory: bool) -> None:
+        """Load ``state`` into the live objects in place. ``from_memory``: it is the in-memory
+        snapshot, which must stay intact (copy optimizer tensors, never alias them)."""
+        ...
+
+    def parameters(self) -> Iterable[torch.Tensor]:
+        """The weights checked for non-finite values before each save."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutcome:
+    """What `RollbackOrchestrator.step` did."""
+
+    observation: Observation
+    saved: CheckpointRecord | None = None
+    restored: CheckpointRecord | None = None
+
+
+def next_save_step(step: int, interval: int) -> int:
+    """The first step at which to save after saving at ``step``: the next multiple of
+    ``interval``. Saving uses ``step >= next_save`` so manual optimization, which can move
+    ``global_step`` by several per batch, never jumps over a save (research note §6.4)."""
+    return (step // interval + 1) * interval
+
+
+def format_rolled_back(record: CheckpointRecord) -> str:
+    """The guide's line: ``Rolled back to step=1000, loss=0.5000, reward=20.0000``."""
+    parts = [f"step={record.step}"]
+    baseline = record.baseline()
+    for name in (LOSS, REWARD):
+        if name in baseline:
+            parts.append(f"{name}={baseline[name]:.4f}")
+    return "Rolled back to " + ", ".join(parts)
+
+
+def non_finite_parameter(parameters: Iterable[torch.Tensor]) -> int | None:
+    """Index of the first parameter holding NaN or Inf, or None. One fused reduction per
+    tensor, no host sync until the end (a save is rare next to the steps it protects)."""
+    flags = [torch.isfinite(p.detach()).all() for p in parameters]
+    if not flags:
+        return None
+    finite = torch.stack(flags).cpu().tolist()
+    return next((i for i, ok in enumerate(finite) if not ok), None)
+
+
+class RollbackOrchestrator:
+    """The guarded training sequence shared by every driver (see module docstring).
+
+    Args:
+        store: Where checkpoints live (read-only on DDP ranks that do not write).
+        conditions: Triggers and policies.
+        save_every: Save at the first step at or past each multiple of this.
+        observers: Told about saves, rollbacks and errors.
+        signals: The watched signals (certification waits for each, see `RollbackGuard`).
+        run_id: The run's identity, recorded in every entry.
+        is_writer: Whether this process writes files (DDP rank 0).
+        async_save: Write files on a background thread (the step pays for a CPU copy).
+        keep_in_memory: Keep the newest save in memory for instant rollbacks.
+        dry_run: Judge and record, never restore.
+        barrier: Called before reading a file that another rank may still be writing.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        conditions: RollbackConditions,
+        *,
+        save_every: int,
+        observers: ObserverGroup,
+        signals: Iterable[str] = (),
+        run_id: str = "",
+        is_writer: bool = True,
+        async_save: bool = True,
+        keep_in_memory: bool = True,
+        dry_run: bool = False,
+        barrier: Callable[[], None] | None = None,
+    ) -> None:
+        if save_every < 1:
+            raise ValueError(f"save_every={save_every} must be >= 1")
+        self.store = store
+        self.conditions = conditions
+        self.save_every = save_every
+        self.observers = observers
+        self.is_writer = is_writer
+        self.keep_in_memory = keep_in_memory
+        self.dry_run = dry_run
+        self.barrier = barrier
+        self.guard = RollbackGuard(conditions, store.max_checkpoints, signals, run_id)
+        self.writer = (
+            AsyncCheckpointWriter(store, [observers]) if is_writer and async_save else None
+        )
+        self.snapshot: Snapshot | None = None
+        self.next_save = save_every
+        self._staging = StagingPool()
+        self._pending_trigger: Trigger | None = None
+        self._warned_no_target = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, step: int, provider: StateProvider) -> CheckpointRecord | None:
+        """Take the run's initial state as its last-resort target (with ``certify``), so a
+        fault before the first save has somewhere to go. Nothing when a state at or before
+        ``step`` is already in the ledger (a resumed run)."""
+        self.next_save = max(self.next_save, next_save_step(step, self.save_every))
+        if not self.conditions.certify or self.dry_run:
+            return None
+        if any(e.is_rollback_target and e.step <= step for e in self.guard.ledger):
+            return None
+        return self.save(step, provider, initial=True)
+
+    def flush(self) -> None:
+        """Wait until every pending write is durable; report write errors."""
+        if self.writer is not None:
+            self.writer.flush()
+        self.surface_errors()
+
+    def close(self) -> None:
+        """Flush and stop the background writer (idempotent)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.surface_errors()
+            self.writer = None
+
+    def surface_errors(self) -> None:
+        """Write errors of earlier background jobs: logged and reported, never silent."""
+        if self.writer is None:
+            return
+        for error in self.writer.take_errors():
+            self.on_write_error(error.step, error)
+
+    def on_write_error(self, step: int, error: BaseException) -> None:
+        """A save was not committed. Its in-memory snapshot stays a valid target."""
+        if self.snapshot is None or self.snapshot.step != step:
+            self.guard.forget({step})
+        self.observers.on_checkpoint_error(step, error)
+
+    # ------------------------------------------------------------------ the sequence
+    def step(
+        self,
+        step: int,
+        readings: Mapping[str, Reading | float],
+        provider: StateProvider,
+        remedies: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> StepOutcome:
+        """Judge the fresh readings; roll back on a fire; otherwise save when due.
+
+        Args:
+            step: The step now.
+            readings: Watched values with their production steps (plain numbers: now).
+            provider: The training state.
+            remedies: Applied right after a restore (LR factor, reseed...); returns what it
+                applied, recorded with the rollback event.
+        """
+        observation = self.judge(step, readings)
+        if observation.fire and observation.trigger is not None:
+            restored = self.act(step, observation.trigger, provider, remedies)
+            return StepOutcome(observation, restored=restored)
+        if not self.due(step):
+            return StepOutcome(observation)
+        bad = non_finite_parameter(provider.parameters())
+        if bad is not None:
+            trigger = Trigger(
+                RollbackReason.NON_FINITE,
+                f"non-finite parameters (tensor #{bad}) before the save at step {step}",
+                "parameters",
+                math.nan,
+            )
+            self.guard.bad_since = step
+            return StepOutcome(observation, restored=self.act(step, trigger, provider, remedies))
+        return StepOutcome(observation, saved=self.save(step, provider))
+
+    def judge(self, step: int, readings: Mapping[str, Reading | float]) -> Observation:
+        """Judge the fresh readings and record certifications in the store."""
+        self.surface_errors()
+        pending = self._pending_trigger
+        self._pending_trigger = None
+        observation = self.guard.observe(step, readings)
+        for certified in observation.certified:
+            self._store_update(step, certified)
+        if pending is not None and not observation.fire:
+            observation = dataclasses.replace(observation, verdict=Verdict(pending, True, 1))
+        return observation
+
+    def due(self, step: int) -> bool:
+        """Whether to save now: at or past the next save point, and not suspicious (a state
+        whose newest evidence was bad is never saved)."""
+        return step >= self.next_save and not self.guard.suspicious
+
+    def refuse_save(self, step: int, trigger: Trigger) -> None:
+        """A save was refused (non-finite weights): the next `judge` fires with ``trigger``."""
+        log.error("Checkpoint of step %d not saved: %s.", step, trigger.message)
+        self.guard.bad_since = step
+        self._pending_trigger = trigger
+
+    def save(
+        self,
+        step: int,
+        provider: StateProvider,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        initial: bool = False,
+    ) -> CheckpointRecord:
+        """Stage the state of ``step`` and commit it (in the background when async)."""
+        self.surface_errors()
+        started = time.perf_counter()
+        values = dict(self.guard.last_healthy if metrics is None else metrics)
+        # Into the ledger before capture: a Lightning checkpoint then lists its own entry in
+        # the callback state it carries (research note §7.5).
+        record = self.guard.record_save(step, values, initial=initial)
+        keep = self.snapshot.payload if self.snapshot is not None else None
+        staged, release = self._staging.stage(provider.capture(), keep=keep)
+        blocking = time.perf_counter() - started
+        if self.keep_in_memory:
+            self.snapshot = Snapshot(step, staged)
+        self.next_save = next_save_step(step, self.save_every)
+        if not self.is_writer:
+            release()
+            return record
+        run_id, initial = record.run_id, record.initial
+        if self.writer is not None:
+            self.writer.submit(
+                step,
+                staged,
+                values,
+                record.status,
+                blocking,
+                on_done=release,
+                run_id=run_id,
+                initial=initial,
+            )
+            return record
+        written = time.perf_counter()
+        try:
+            committed = self.store.commit(
+                step, staged, values, record.status, run_id=run_id, initial=initial
+            )
+        except Exception as err:
+            self.on_write_error(step, err)
+        else:
+            self.observers.on_checkpoint_saved(
+                step, committed.bytes, blocking, time.perf_counter() - written
+            )
+        finally:
+            release()
+        return record
+
+    # ------------------------------------------------------------------ rollback
+    def prepare(self, step: int, trigger: Trigger) -> CheckpointRecord | None:
+        """Book a fire: reject the states it proves unproven or damaged, check the budget, and
+        return the state a restore would load (None: nothing to go back to; the run goes on).
+
+        Raises:
+            RollbackBudgetExceeded: One more restore would exceed the budget.
+        """
+        if self.is_writer:
+            log.warning("Rollback triggered: %s", trigger.message)
+        for rejected in self.guard.reject_unproven(step, trigger):
+            self._store_update(step, rejected)
+        target = self.guard.target(step)
+        if target is None:
+            if self.is_writer and not self._warned_no_target:
+                self._warned_no_target = True
+                log.warning(
+                    "No known-good state to roll back to (no state has had healthy evidence "
+                    "after it yet, and the initial one is proven damaged or absent); training "
+                    "continues from the current state."
+                )
+            return None
+        try:
+            self.guard.check_budget(step, trigger)
+        except RollbackBudgetExceeded as err:  # the run stops; the history says why
+            self._store_event(
+                {
+                    "type": "budget_exceeded",
+                    "at_step": step,
+                    "reason": trigger.code,
+                    "message": str(err),
+                    "time": time.time(),
+                }
+            )
+            self.flush()
+            raise
+        return target
+
+    def act(
+        self,
+        step: int,
+        trigger: Trigger,
+        provider: StateProvider,
+        remedies: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> CheckpointRecord | None:
+        """Handle a fire: a dry-run record, or `prepare` then `restore`."""
+        if self.dry_run:
+            target = self.guard.target(step)
+            self._store_event(self.guard.record_dry_run(step, target, trigger))
+            if self.is_writer:
+                would = f"step={target.step}" if target else "nothing (no known-good state yet)"
+                log.warning(
+                    "Rollback triggered (dry run, nothing restored): %s; a rollback would restore "
+                    "%s. Training continues unchanged.",
+                    trigger.message,
+                    would,
+                )
+            return None
+        if self.prepare(step, trigger) is None:
+            return None
+        return self.restore(step, trigger, provider, remedies)
+
+    def restore(
+        self,
+        step: int,
+        trigger: Trigger,
+        provider: StateProvider,
+        remedies: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> CheckpointRecord | None:
+        """Restore the preferred intact target in place and record the event.
+
+        Raises:
+            NoGoodCheckpointError: Targets exist but none is intact.
+        """
+        candidates = self.guard.candidates(step)
+        if not candidates:
+            return None
+        from_memory = self.snapshot is not None and self.snapshot.step == candidates[0].step
+        if not from_memory:
+            # Loading waits for pending writes; under DDP the writer flushes, then all read.
+            self.flush()
+            if self.barrier is not None:
+                self.barrier()
+            if not self.is_writer:
+                self.store.refresh()
+        source = find_restore_source(candidates, self.snapshot, self.store, self._on_corrupt)
+        with self.store.protect(source.record.step):
+            provider.restore(source.payload, source.from_memory)
+        applied = dict(remedies()) if remedies is not None else {}
+        event = self.guard.record_rollback(
+            step, source.record, trigger, from_memory=source.from_memory, **applied
+        )
+        for entry in self.guard.ledger:
+            if entry.step > source.record.step:
+                self._store_update(step, entry.step)
+        self._store_event(event)
+        self.observers.on_rollback(step, source.record.step, trigger.code)
+        if self.is_writer:
+            log.warning(format_rolled_back(source.record))
+        return source.record
+
+    def _on_corrupt(self, record: CheckpointRecord, error: CheckpointCorruptError) -> None:
+        if self.is_writer:
+            log.error("%s; falling back to the next older checkpoint.", error)
+        self.guard.set_status(record.step, CheckpointStatus.CORRUPT, str(error))
+        self.observers.on_checkpoint_error(record.step, error)
+
+    # ------------------------------------------------------------------ history updates
+    def _store_update(self, at_step: int, step: int) -> None:
+        """Copy a ledger entry's status, evidence and note into the history (writer only)."""
+        if not self.is_writer:
+            return
+        entry = next((e for e in self.guard.ledger if e.step == step), None)
+        if entry is None:
+            return
+        status, evidence, note = entry.status, dict(entry.evidence), entry.note
+        store = self.store
+
+        def update() -> None:
+            store.set_status(step, status, evidence=evidence, note=note)
+
+        self._later(at_step, update)
+
+    def _store_event(self, event: Mapping[str, Any]) -> None:
+        if not self.is_writer:
+            return
+        store = self.store
+
+        def add() -> None:
+            store.add_event(event)
+
+        self._later(int(event["at_step"]), add)
+
+    def _later(self, step: int, action: Callable[[], None]) -> None:
+        if self.writer is not None:
+            self.writer.run_later(step, action)
+        else:
+            action()
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's state and the save schedule (weights_only-safe)."""
+        return {"guard": self.guard.state_dict(), "next_save_step": self.next_save}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of `state_dict`."""
+        self.guard.load_state_dict(state.get("guard", {}))
+        self.next_save = int(state.get("next_save_step", self.save_every))
