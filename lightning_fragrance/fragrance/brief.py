@@ -8,12 +8,12 @@ schema.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import Enum
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -514,12 +514,93 @@ _KO_NEGATION_BEFORE = re.compile(r"(^|\s)(덜|노|안)\s?$")
 _CLAUSE_BREAK = re.compile(r"[,.;!?\n]|\bbut\b|하지만|그러나|그리고|지만")
 
 
-@dataclass(frozen=True)
-class _Match:
+# Reaches of the rules around a keyword, in characters: "negation after" reads at most 6 past it
+# ("\S{0,3}", a space, "말고"), "negation before" at most the clause's last 3 before it ("(^|\s)",
+# "덜", "\s?"), and a clause break is recognised from 4 characters ("but" and its boundary).
+_KO_AFTER_REACH = 6
+_KO_BEFORE_REACH = 3
+_BREAK_LOOKAHEAD = 4
+# The characters without which neither Korean negation rule can match: a text with none of them
+# (any English text) skips both per-keyword checks.
+_KO_NEGATION_CUE = re.compile(r"[않없빼말싫제안덜노]")
+_WORD = re.compile(r"[a-z']+")
+# A "but" that ends exactly where a keyword starts ("but장미") ends that keyword's clause, although
+# in the whole text no word boundary follows it (Hangul is a word character).
+_BUT_JUST_BEFORE = re.compile(r"\bbut\Z")
+
+# Longer texts are read only up to this many characters. The rules' cost grows with the length
+# (about 1.5 us per character of keyword-dense text, benchmarks/bench_brief_parse.py), so the cap
+# bounds a request's cost; customers write a few hundred characters, and lf-serve refuses
+# `user_text` over 2,000 characters before parsing.
+MAX_BRIEF_TEXT_CHARS = 4_000
+
+
+class _Match(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: a dense text makes thousands, and this builds 3x faster.
     start: int
     end: int
     keyword: str
     negated: bool
+
+
+class _ClauseIndex:
+    """The clause breaks and English words of one text, found in one pass each.
+
+    The negation rules look at the clause around every keyword. Rescanning the text before each
+    keyword cost O(length x keywords): 44 ms for 2,000 characters of repeated keywords against
+    0.08 ms for a typical brief, so a few clients could starve the others (issue 10, item 5).
+    Here each keyword's clause and last words are found by bisection in positions gathered once.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        # Ends of the breaks a left-to-right scan finds, in order (the scan never overlaps).
+        self.break_ends = [found.end() for found in _CLAUSE_BREAK.finditer(text)]
+        words = list(_WORD.finditer(text))
+        self.word_starts = [found.start() for found in words]
+        self.word_ends = [found.end() for found in words]
+        # negations_before[i]: negation words among the first i words. A word cut by the clause
+        # start ("'s" after "but") or by the keyword ("not'" before "'rose") begins or ends with
+        # an apostrophe, which no negation word does, so whole words can be counted once.
+        self.negations_before = [0]
+        for found in words:
+            self.negations_before.append(
+                self.negations_before[-1] + (found.group() in _EN_NEGATIONS)
+            )
+        self.korean_cues = _KO_NEGATION_CUE.search(text) is not None
+        # Without any negation word or Korean cue no keyword can be negated.
+        self.any_cue = self.korean_cues or self.negations_before[-1] > 0
+
+    def clause_start(self, start: int) -> int:
+        """Where the clause holding a keyword at `start` begins (0 without an earlier break)."""
+        if self.text.endswith("but", 0, start) and _BUT_JUST_BEFORE.search(
+            self.text[max(0, start - 4) : start]
+        ):
+            return start
+        index = bisect.bisect_right(self.break_ends, start) - 1
+        return self.break_ends[index] if index >= 0 else 0
+
+    def english_negation_before(self, left: int, start: int) -> bool:
+        """Whether one of the clause's last three words before `start` negates ("not too sweet")."""
+        last = bisect.bisect_left(self.word_starts, start) - 1
+        first = max(bisect.bisect_right(self.word_ends, left), last - 2)
+        return first <= last and self.negations_before[last + 1] > self.negations_before[first]
+
+    def korean_negation(self, left: int, start: int, end: int) -> bool:
+        """A negation after the keyword ("달지 않은", "머스크 없이") or before it ("덜 달게")."""
+        reach = end + _KO_AFTER_REACH
+        after = _CLAUSE_BREAK.search(self.text, end, reach + _BREAK_LOOKAHEAD)
+        tail = self.text[end : min(after.start(), reach) if after else reach]
+        before = self.text[max(left, start - _KO_BEFORE_REACH) : start]
+        return bool(_KO_NEGATION_AFTER.search(tail) or _KO_NEGATION_BEFORE.search(before))
+
+    def is_negated(self, start: int, end: int) -> bool:
+        if not self.any_cue:
+            return False
+        left = self.clause_start(start)
+        if self.english_negation_before(left, start):
+            return True
+        return self.korean_cues and self.korean_negation(left, start, end)
 
 
 def _is_ascii(text: str) -> bool:
@@ -543,44 +624,55 @@ def _keyword_patterns(keywords: tuple[str, ...]) -> tuple[tuple[str, re.Pattern[
 def _keyword_matches(text: str, keywords: tuple[str, ...]) -> list[_Match]:
     """Non-overlapping keyword spans, longest keyword first ("rosemary" wins over "rose")."""
     spans: list[tuple[int, int, str]] = []
+    # One flag per character taken by an earlier (longer) keyword: checking a span costs its
+    # own length, not the number of spans found so far.
+    taken = bytearray(len(text))
     for keyword, pattern in _keyword_patterns(keywords):
         if keyword not in text:  # a substring test is far cheaper than a regex scan
             continue
         for found in pattern.finditer(text):
-            if all(found.end() <= s or found.start() >= e for s, e, _ in spans):
-                spans.append((found.start(), found.end(), keyword))
+            start, end = found.span()
+            if taken.find(1, start, end) == -1:
+                taken[start:end] = b"\x01" * (end - start)
+                spans.append((start, end, keyword))
     spans.sort()
-    return [_Match(s, e, k, _is_negated(text, s, e)) for s, e, k in spans]
-
-
-def _clause_bounds(text: str, start: int, end: int) -> tuple[int, int]:
-    left = 0
-    for br in _CLAUSE_BREAK.finditer(text[:start]):
-        left = br.end()
-    after = _CLAUSE_BREAK.search(text, end)
-    return left, after.start() if after else len(text)
-
-
-def _is_negated(text: str, start: int, end: int) -> bool:
-    left, right = _clause_bounds(text, start, end)
-    before_words = re.findall(r"[a-z']+", text[left:start])[-3:]
-    if any(word in _EN_NEGATIONS for word in before_words):
-        return True
-    return bool(
-        _KO_NEGATION_AFTER.search(text[end:right]) or _KO_NEGATION_BEFORE.search(text[left:start])
-    )
+    clauses = _ClauseIndex(text)
+    return [_Match(s, e, k, clauses.is_negated(s, e)) for s, e, k in spans]
 
 
 _E = TypeVar("_E", bound=Enum)
 
 
-def _first(matches: list[_Match], table: Mapping[_E, tuple[str, ...]]) -> _E | None:
+def _keyword_index(table: Mapping[_E, tuple[str, ...]]) -> dict[str, _E]:
+    """Keyword -> the first table entry that lists it (the order the rules try them in)."""
+    index: dict[str, _E] = {}
+    for value, keywords in table.items():
+        for keyword in keywords:
+            index.setdefault(keyword, value)
+    return index
+
+
+def _keyword_families() -> dict[str, tuple[Family, ...]]:
+    families: dict[str, tuple[Family, ...]] = {}
+    for family, keywords in _FAMILY_KEYWORDS.items():
+        for keyword in keywords:
+            families[keyword] = (*families.get(keyword, ()), family)
+    return families
+
+
+# Keyword -> what it names, built once: looking each match up in every table's tuples was a
+# third of the cost of a keyword-dense text.
+_FAMILIES_OF = _keyword_families()
+_MOOD_OF = _keyword_index(_MOOD_KEYWORDS)
+_SEASON_OF = _keyword_index(_SEASON_KEYWORDS)
+_INTENSITY_OF = _keyword_index(_INTENSITY_KEYWORDS)
+
+
+def _first(matches: list[_Match], index: Mapping[str, _E]) -> _E | None:
+    """What the first keyword that is in `index` and not negated names."""
     for match in matches:
-        if match.negated:
-            continue
-        for value, keywords in table.items():
-            if match.keyword in keywords:
-                return value
+        if not match.negated and match.keyword in index:
+            return index[match.keyword]
     return None
 
 
@@ -598,7 +690,9 @@ def parse_brief(text: str) -> Brief:
 
     Family keywords set a weight of 1.0; mood and season tilt the profile by 0.3; negated
     keywords ("not too sweet", "바닐라 없이") rule a family or note out. Without any cue the
-    profile is a balanced floral-citrus-woody default.
+    profile is a balanced floral-citrus-woody default. Only the first `MAX_BRIEF_TEXT_CHARS`
+    (4,000) characters are read, so one call costs a bounded time (a few ms at most); the
+    cost grows linearly with the length up to that cap.
 
     Args:
         text: Free text, e.g. "a fresh citrus scent for summer, not too sweet".
@@ -606,6 +700,7 @@ def parse_brief(text: str) -> Brief:
     Raises:
         BriefError: When `text` is empty.
     """
+    text = text[:MAX_BRIEF_TEXT_CHARS]
     if not text or not text.strip():
         raise BriefError("the brief text is empty; describe the scent, e.g. 'fresh citrus'")
     lowered = text.lower()
@@ -616,22 +711,18 @@ def parse_brief(text: str) -> Brief:
     include: list[str] = []
     avoid: list[str] = []
     for match in matches:
-        for family, keywords in _FAMILY_KEYWORDS.items():
-            if match.keyword not in keywords:
-                continue
-            if match.negated:
-                # "no vanilla" rules out vanilla, not every gourmand material.
-                if match.keyword not in _NOTE_KEYWORDS:
-                    avoid_families.append(family)
-            else:
-                profile[family] = 1.0
         note = _NOTE_KEYWORDS.get(match.keyword)
+        for family in _FAMILIES_OF.get(match.keyword, ()):
+            if not match.negated:
+                profile[family] = 1.0
+            elif note is None:  # "no vanilla" rules out vanilla, not every gourmand material.
+                avoid_families.append(family)
         if note is not None:
             (avoid if match.negated else include).append(note)
 
-    mood = _first(matches, _MOOD_KEYWORDS)
-    season = _first(matches, _SEASON_KEYWORDS)
-    intensity = _first(matches, _INTENSITY_KEYWORDS) or Intensity.EDP
+    mood = _first(matches, _MOOD_OF)
+    season = _first(matches, _SEASON_OF)
+    intensity = _first(matches, _INTENSITY_OF) or Intensity.EDP
     tilts = [_MOOD_PROFILES[mood]] if mood is not None else []
     tilts += [_SEASON_PROFILES[season]] if season is not None else []
     for tilt in tilts:

@@ -6,7 +6,12 @@ import pytest
 from pydantic import ValidationError
 
 from lightning_fragrance.fragrance import Brief, BriefError, Family, Intensity, parse_brief
-from lightning_fragrance.fragrance.brief import CONCENTRATION_RANGES, Mood, Season
+from lightning_fragrance.fragrance.brief import (
+    CONCENTRATION_RANGES,
+    MAX_BRIEF_TEXT_CHARS,
+    Mood,
+    Season,
+)
 
 # text, families that must be among the top three, families that must be ruled out
 PARSE_TABLE = [
@@ -93,3 +98,12 @@ def test_brief_cannot_include_and_avoid_the_same_note() -> None:
 def test_brief_round_trips_through_json() -> None:
     brief = parse_brief("fresh citrus with bergamot for summer")
     assert Brief.model_validate_json(brief.model_dump_json()) == brief
+
+
+def test_parser_reads_only_the_first_max_brief_text_chars_characters() -> None:
+    filler = "x " * (MAX_BRIEF_TEXT_CHARS // 2)
+    assert parse_brief(filler + "rose").include_notes == []
+    # Up to the cap the text is read whole, so a negation at its very end still counts.
+    tail = "no vanilla"
+    head = "sweet vanilla, " * ((MAX_BRIEF_TEXT_CHARS - len(tail)) // 15)
+    assert parse_brief(head + tail).avoid_notes == ["Vanillin"]
