@@ -451,6 +451,12 @@ class RollbackCheckpoint(Checkpoint):
         if GRAD_NORM in self.keys and GRAD_NORM not in readings and self._grad_norm_sq:
             readings[GRAD_NORM] = Reading(math.sqrt(self._grad_norm_sq), step)
         self._grad_norm_sq = None
+        if step == self._last_step:
+            # No update on this batch: its values were computed from the current state itself.
+            readings = {
+                n: r if r.since is not None else Reading(r.value, r.produced_at, r.produced_at)
+                for n, r in readings.items()
+            }
         readings = _worst(self._accumulated, readings)
         if step == self._last_step:
             # Gradient accumulation: no optimizer step on this batch. Keep the worst values so

@@ -194,12 +194,14 @@ def test_dry_run_records_the_trigger_and_restores_nothing(
 
 def test_rollback_budget_stops_the_fit_naming_the_last_good_checkpoint(tmp_path: Path) -> None:
     # From step 5 on every step diverges: rollbacks cannot fix it, the budget ends the fit.
+    # Restored to 4, the fault came back (4 is rejected), escalated to 2, back again (2 is
+    # rejected): the last state proven good is the one the fit started from.
     guard = RollbackCheckpoint(dirpath=tmp_path, save_every_n_steps=2, max_rollbacks=2)
     module = ToyPolicyModule(divergence=DivergenceSpec(at_step=5, kl=0.5, persistent=True))
-    with pytest.raises(RollbackBudgetExceeded, match=r"step=4 \(checkpoint_step_4\.ckpt\)"):
+    with pytest.raises(RollbackBudgetExceeded, match=r"step=0 \(checkpoint_step_0\.ckpt\)"):
         fit([guard], max_steps=20, module=module)
     assert guard.rollback_count == 2
-    assert [e["at_step"] for e in guard.rollback_events] == [6, 7]
+    assert [(e["at_step"], e["to_step"]) for e in guard.rollback_events] == [(6, 4), (7, 2)]
     history = json.loads((tmp_path / "checkpoint_history.json").read_text())
     assert [e["type"] for e in history["events"]] == ["rollback", "rollback", "budget_exceeded"]
 
@@ -275,8 +277,10 @@ def test_manual_optimization_saves_at_or_past_each_multiple_and_rolls_back(
     guard = RollbackCheckpoint(dirpath=tmp_path, save_every_n_steps=5, max_checkpoints=10)
     module = ManualPPOLike(divergence=DivergenceSpec(at_step=18))
     fit([guard], max_steps=30, module=module)
-    assert [r.step for r in guard.history] == [6, 12, 15, 21, 27, 30]
-    assert [(e["at_step"], e["to_step"]) for e in guard.rollback_events] == [(18, 15)]
+    # Step 0 is the state the fit started from (the last-resort target).
+    assert [r.step for r in guard.history] == [0, 6, 12, 15, 21, 27, 30]
+    # The first evidence after the save at 15 is the faulty update's: 15 is not a target.
+    assert [(e["at_step"], e["to_step"]) for e in guard.rollback_events] == [(18, 12)]
 
 
 def test_gradient_accumulation_judges_the_worst_micro_batch_once_per_step(tmp_path: Path) -> None:
@@ -348,7 +352,7 @@ def test_observers_hear_saves_and_rollbacks(tmp_path: Path) -> None:
     guard = RollbackCheckpoint(dirpath=tmp_path, save_every_n_steps=3, observers=[observer])
     module = ToyPolicyModule(divergence=DivergenceSpec(at_step=4, kl=0.5, loss_scale=1.0))
     fit([guard], max_steps=7, module=module)
-    assert observer.saved == [3, 6]
+    assert observer.saved == [0, 3, 6]
     assert observer.rollbacks == [(5, 3, "kl_spike")]
 
 
@@ -363,14 +367,16 @@ def test_certified_checkpoint_is_preferred_and_the_suspect_one_rejected(tmp_path
     assert statuses[9] == "pending"
 
 
-def test_repeated_trigger_escalates_to_an_older_checkpoint(tmp_path: Path) -> None:
-    guard = RollbackCheckpoint(
-        dirpath=tmp_path, save_every_n_steps=3, escalate_within_steps=5, max_rollbacks=None
-    )
+def test_a_restored_state_whose_fault_comes_back_is_never_restored_again(tmp_path: Path) -> None:
+    guard = RollbackCheckpoint(dirpath=tmp_path, save_every_n_steps=3, max_rollbacks=None)
     module = ToyPolicyModule(divergence=DivergenceSpec(at_step=7, kl=0.5, persistent=True))
     fit([guard], max_steps=10, module=module)
+    # Each restore is followed by the same fault: that state is rejected, the next goes older.
     assert [(e["at_step"], e["to_step"]) for e in guard.rollback_events] == [
         (8, 6),
         (9, 3),
-        (10, 3),
+        (10, 0),
     ]
+    rejected = {r.step: r.note for r in guard.history if r.status == "rejected"}
+    assert set(rejected) == {3, 6}
+    assert all("the fault came back" in note for note in rejected.values())
