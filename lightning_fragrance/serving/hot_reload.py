@@ -77,6 +77,21 @@ class ValidationFailed(RuntimeError):
     """The loaded model failed the validation step (for example non-finite parameters)."""
 
 
+class LoadTimeout(RuntimeError):
+    """The loader did not return within ``load_timeout``; the reload fails as ``load_failed``.
+
+    Python cannot stop a thread, so the loader's thread is abandoned: it is counted, logged,
+    and whatever it returns later is discarded.
+    """
+
+    reason = "load_timeout"
+    reload_result = ReloadResult.LOAD_FAILED.value
+
+    def to_dict(self) -> dict[str, str]:
+        """A structured description for API answers and reload records."""
+        return {"type": type(self).__name__, "reason": self.reason, "message": str(self)}
+
+
 class DrainTimeoutExceeded(RuntimeError):
     """The request outlived ``drain_timeout`` on a retired worker and its answer is withheld.
 
@@ -109,6 +124,9 @@ class ReloadObserver(Protocol):
     def on_inflight(self, worker: str, value: int) -> None:
         """``worker`` now has ``value`` requests in flight."""
 
+    def on_load_abandoned(self, version: str | None) -> None:
+        """A loader passed its deadline and its thread was abandoned (it may run on)."""
+
 
 class NullObserver:
     """A ``ReloadObserver`` that records nothing."""
@@ -126,6 +144,9 @@ class NullObserver:
         """Ignore."""
 
     def on_inflight(self, worker: str, value: int) -> None:
+        """Ignore."""
+
+    def on_load_abandoned(self, version: str | None) -> None:
         """Ignore."""
 
 
@@ -189,6 +210,9 @@ class ReloadRecord:
     switch_seconds: float | None = None
     drain_remaining: int = 0
     done: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Called with the finished record while the reload lock is still held, before ``done`` is
+    # set: a follow-up (rewriting CURRENT) cannot interleave with the next reload.
+    on_done: Callable[[ReloadRecord], None] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for the admin API."""
@@ -266,11 +290,12 @@ def _default_validate(model: Any) -> None:
     module = getattr(model, "model", model)
     if isinstance(module, torch.nn.Module):
         for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and not _finite_in_chunks(tensor):
+            if tensor.is_floating_point() and not tensor_is_finite(tensor):
                 raise ValidationFailed(f"parameter {name!r} has non-finite values")
 
 
-def _finite_in_chunks(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
+def tensor_is_finite(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
+    """True when every element of ``tensor`` is finite, checked in chunks of ``chunk``."""
     # torch.isfinite on a whole tensor allocates temporaries worth ~2x the tensor (measured:
     # +121 MB for a 69 MB policy), which would break the 2.2x peak-memory bound of a reload.
     flat = tensor.detach().reshape(-1)
@@ -280,10 +305,14 @@ def _finite_in_chunks(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
 class HotReloadManager(Generic[M]):
     """Serve one model generation and swap in the next without dropping requests.
 
+    One manager serves one model line (the policy; the LLM brief gets a line of its own), with
+    its own load deadline, warm-up and drain.
+
     Args:
         model_loader: ``model_loader(version)`` returns the loaded model; ``version`` is the
-            name passed to ``reload`` (``None`` = the loader's default). If the returned object
-            has a ``version`` attribute it names the worker's version.
+            name passed to ``reload`` (``None`` = the loader's default). A loader that takes no
+            argument (the operations guide's ``load_model()``) is called without one. If the
+            returned object has a ``version`` attribute it names the worker's version.
         warmup_func: called ``warmup_func(model)`` ``warmup_steps`` times before the switch;
             raising, or returning anything with a non-finite number, fails the reload.
         warmup_steps: number of warm-up calls (default 5).
@@ -299,11 +328,14 @@ class HotReloadManager(Generic[M]):
             counts (default 20; a single early error is not a trend).
         observer: receives phase timings, results, model info and drain timeouts.
         history_size: reload records kept for status queries (default 64).
+        load_timeout: seconds the loader may take (``None``, the default: no deadline). Past
+            it the reload fails as ``load_failed`` and the next one may start; the loader's
+            thread, which Python cannot stop, is abandoned, counted and its result discarded.
     """
 
     def __init__(
         self,
-        model_loader: Callable[[str | None], M],
+        model_loader: Callable[[str | None], M] | Callable[[], M],
         warmup_func: Callable[[M], Any] | None = None,
         warmup_steps: int = 5,
         drain_timeout: float = 30.0,
@@ -315,12 +347,19 @@ class HotReloadManager(Generic[M]):
         revert_min_requests: int = 20,
         observer: ReloadObserver | None = None,
         history_size: int = 64,
+        load_timeout: float | None = None,
     ) -> None:
+        if load_timeout is not None and load_timeout <= 0:
+            raise ValueError(f"load_timeout must be > 0 seconds or None, got {load_timeout}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0 seconds, got {drain_timeout}")
         self.model_loader = model_loader
+        self._loader_takes_version = _takes_an_argument(model_loader)
+        self.load_timeout = load_timeout
+        self.abandoned_loads_total = 0
+        self.abandoned_loaders_running = 0
         self.warmup_func = warmup_func
         self.warmup_steps = warmup_steps
         self.drain_timeout = drain_timeout
@@ -459,13 +498,24 @@ class HotReloadManager(Generic[M]):
         record = self._begin("reload", version, reload_id)
         return self._run_reload(record)
 
-    def start_reload(self, version: str | None = None) -> ReloadRecord:
+    def start_reload(
+        self,
+        version: str | None = None,
+        *,
+        on_done: Callable[[ReloadRecord], None] | None = None,
+    ) -> ReloadRecord:
         """Start a reload in a background thread and return its record at once.
+
+        Args:
+            version: the version to load (``None`` = the loader's default).
+            on_done: called with the finished record (success or failure) on the reload
+                thread, before the next reload may start; an exception in it is logged.
 
         Raises:
             ReloadInProgress: another reload or rollback runs (raised here, synchronously).
         """
         record = self._begin("reload", version, None)
+        record.on_done = on_done
         threading.Thread(
             target=self._run_reload,
             args=(record,),
@@ -484,14 +534,22 @@ class HotReloadManager(Generic[M]):
         record, standby = self._begin_rollback(reload_id)
         return self._execute_rollback(record, standby, reason)
 
-    def start_rollback(self, *, reason: str = "manual") -> ReloadRecord:
+    def start_rollback(
+        self,
+        *,
+        reason: str = "manual",
+        on_done: Callable[[ReloadRecord], None] | None = None,
+    ) -> ReloadRecord:
         """Start a rollback in a background thread and return its record at once.
+
+        ``on_done`` is called as in ``start_reload``.
 
         Raises:
             ReloadInProgress: another reload or rollback runs (raised here, synchronously).
             NoPreviousVersion: no earlier version has served in this process.
         """
         record, standby = self._begin_rollback(None)
+        record.on_done = on_done
         threading.Thread(
             target=self._execute_rollback,
             args=(record, standby, reason),
@@ -526,7 +584,7 @@ class HotReloadManager(Generic[M]):
             log.info("=== Model rollback finished ===")
             return True
         finally:
-            self._reload_lock.release()
+            self._end(record)
 
     def previous_version(self) -> str | None:
         """The version that served before the current one, if any."""
@@ -650,7 +708,12 @@ class HotReloadManager(Generic[M]):
             log.info("=== Model reload finished ===")
             return True
         finally:
-            self._reload_lock.release()
+            self._end(record)
+
+    def _end(self, record: ReloadRecord) -> None:
+        # The lock goes first: whoever waits on `done` may start the next reload at once.
+        self._reload_lock.release()
+        record.done.set()
 
     def _prepare_worker(self, record: ReloadRecord, version: str | None) -> Worker[M]:
         worker: Worker[M] = Worker(worker_id=next(self._ids), version=version or "", model=None)
@@ -658,7 +721,7 @@ class HotReloadManager(Generic[M]):
         log.info("[%s] loading + warm-up", worker.name)
         try:
             with self._phase(record, ReloadPhase.LOADING):
-                worker.model = self.model_loader(version)
+                worker.model = self._load(version)
                 worker.version = str(
                     getattr(worker.model, "version", None) or version or worker.name
                 )
@@ -674,6 +737,68 @@ class HotReloadManager(Generic[M]):
             raise
         worker.loaded_at = time.time()
         return worker
+
+    def _call_loader(self, version: str | None) -> M:
+        if self._loader_takes_version:
+            return self.model_loader(version)  # type: ignore[call-arg]
+        return self.model_loader()  # type: ignore[call-arg]
+
+    def _load(self, version: str | None) -> M:
+        """Run the loader, bounded by ``load_timeout`` when one is set."""
+        if self.load_timeout is None:
+            return self._call_loader(version)
+        attempt: _LoadAttempt[M] = _LoadAttempt()
+        thread = threading.Thread(
+            target=self._run_loader,
+            args=(version, attempt),
+            name=f"lf-load-{version or 'default'}",
+            daemon=True,  # an abandoned loader must not keep the process from exiting
+        )
+        thread.start()
+        attempt.finished.wait(self.load_timeout)
+        with attempt.lock:
+            if attempt.finished.is_set():
+                if attempt.error is not None:
+                    raise attempt.error
+                return attempt.model  # type: ignore[return-value]
+            attempt.abandoned = True
+        with self._lock:
+            self.abandoned_loads_total += 1
+            self.abandoned_loaders_running += 1
+        log.error(
+            "loading %s took longer than load_timeout=%.1f s: the reload fails and the next "
+            "one may start; the loader thread cannot be stopped and is abandoned (%d running), "
+            "its result will be discarded. Check the export's files, or raise the load timeout "
+            "of this model line for models that load slowly.",
+            version or "the default version",
+            self.load_timeout,
+            self.abandoned_loaders_running,
+        )
+        self.observer.on_load_abandoned(version)
+        raise LoadTimeout(
+            f"loading {version or 'the default version'} took longer than "
+            f"load_timeout={self.load_timeout:g} s; the reload failed, the serving version is "
+            "unchanged. Check the export (a file that never ends?), or raise the load timeout."
+        )
+
+    def _run_loader(self, version: str | None, attempt: _LoadAttempt[M]) -> None:
+        model: M | None = None
+        error: BaseException | None = None
+        try:
+            model = self._call_loader(version)
+        except BaseException as exc:  # handed to the waiting reload thread
+            error = exc
+        with attempt.lock:
+            if not attempt.abandoned:
+                attempt.model, attempt.error = model, error
+                attempt.finished.set()
+                return
+        # Past the deadline: the reload already failed, so what the loader made is dropped.
+        del model, error
+        with self._lock:
+            self.abandoned_loaders_running -= 1
+        log.warning("an abandoned loader of %s returned; its result is discarded", version)
+        release_memory(collect=False)
 
     def _warm_up(self, model: M) -> None:
         if self.warmup_func is None:
@@ -776,7 +901,35 @@ class HotReloadManager(Generic[M]):
         record.error = error
         record.finished_at = time.time()
         self.observer.on_reload(result)
-        record.done.set()
+        if record.on_done is not None:
+            try:
+                record.on_done(record)
+            except Exception:  # the reload itself is over; its follow-up must not kill it
+                log.exception("the follow-up of reload %s failed", record.reload_id)
+
+
+@dataclass(eq=False)
+class _LoadAttempt(Generic[M]):
+    """One loader call under a deadline: whoever gets ``lock`` first decides its fate."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    finished: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+    model: M | None = None
+    error: BaseException | None = None
+
+
+def _takes_an_argument(loader: Callable[..., Any]) -> bool:
+    """Whether ``loader`` accepts the version (the guide's ``load_model()`` takes none)."""
+    try:
+        signature = inspect.signature(loader)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the documented form
+        return True
+    try:
+        signature.bind(None)
+    except TypeError:
+        return False
+    return True
 
 
 def _weak(obj: Any) -> weakref.ref[Any] | None:

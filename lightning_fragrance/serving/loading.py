@@ -22,6 +22,7 @@ loads with ``torch.load(weights_only=True)`` and a refusal is reported, never re
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -29,12 +30,13 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,6 +46,7 @@ from torch import nn
 
 # The networks alone (torch): lightning_fragrance.rl loads PPO, and with it Lightning, lazily.
 from lightning_fragrance.rl.networks import build_policy_net
+from lightning_fragrance.serving.hot_reload import tensor_is_finite
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,14 @@ _SEQ_DIGITS = 6
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _SEQ_RE = re.compile(rf"^(\d{{{_SEQ_DIGITS}}})-")
+# A manifest entry is a plain file name of the export directory (lf-export writes no
+# subdirectories): no separator, no "..", no absolute path (issue 10: "../../etc/passwd").
+_ENTRY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# manifest.json is the one file whose size no manifest declares; lf-export writes about 1 KB.
+MAX_MANIFEST_BYTES = 1 << 20
+_MAX_CURRENT_BYTES = 4096
+# The safetensors library's own cap on the JSON header (its DoS guard, Trail of Bits audit).
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 
 # --------------------------------------------------------------------------- errors
 
@@ -128,6 +139,17 @@ class WeightsFormatError(ModelLoadError):
     """``model.safetensors`` cannot be parsed as safetensors (corrupt, truncated, or a pickle)."""
 
     reason = "weights_format"
+
+
+class UnsafeExportFileError(ModelLoadError):
+    """A manifest entry names a path outside the export, a symlink, or not a regular file.
+
+    Nothing was read from it: a FIFO or ``/dev/zero`` would block or stream forever, and a
+    file outside the export must not even have its checksum echoed back.
+    """
+
+    reason = "unsafe_file"
+    reload_result = "validation_failed"
 
 
 class UnsafeCheckpointError(ModelLoadError):
@@ -268,6 +290,68 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _entry_path(directory: Path, name: str) -> Path:
+    """The file a manifest entry names; refused unless it is a plain name inside ``directory``."""
+    if not _ENTRY_RE.match(name):
+        raise UnsafeExportFileError(
+            f"manifest entry {name!r} is not a plain file name inside the export (no '/', "
+            "'..' or absolute path); the manifest was edited or forged. Re-export with lf-export."
+        )
+    return directory / name
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path, *, declared: int | None, limit: int) -> Iterator[BinaryIO]:
+    """Open ``path`` for reading only if it is a regular file (not a symlink, FIFO or device).
+
+    ``declared`` is the size the manifest records: any other size is refused before a byte is
+    read. ``limit`` bounds files whose size nothing declares (``manifest.json``).
+    """
+    # O_NONBLOCK: opening a FIFO that has no writer blocks forever (issue 10: a reload stuck in
+    # "loading"); O_NOFOLLOW: a symlink may point anywhere, exports never contain one.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as exc:
+        raise IncompleteExportError(f"{path} is missing from the export") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeExportFileError(
+                f"{path} is a symbolic link; exports hold regular files only. Re-export it."
+            ) from exc
+        raise IncompleteExportError(f"{path} cannot be opened: {exc}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeExportFileError(
+                f"{path} is not a regular file (mode {stat.filemode(info.st_mode)}); exports hold "
+                "regular files only, and nothing was read from it. Re-export it."
+            )
+        os.set_blocking(fd, True)
+        if declared is not None and info.st_size != declared:
+            raise ChecksumMismatchError(
+                f"{path} has {info.st_size} bytes, the manifest declares {declared}; the file "
+                "changed after export. Re-export it."
+            )
+        if info.st_size > limit:
+            raise ManifestInvalidError(
+                f"{path} has {info.st_size} bytes, over the limit of {limit}; it is not a file "
+                "lf-export wrote. Re-export it."
+            )
+        yield fh
+
+
+def _sha256_of(fh: BinaryIO, size: int, chunk: int = 1 << 20) -> str:
+    """The sha256 of the first ``size`` bytes of ``fh``: never reads past what was declared."""
+    digest = hashlib.sha256()
+    fh.seek(0)
+    left = size
+    while left > 0 and (block := fh.read(min(chunk, left))):
+        digest.update(block)
+        left -= len(block)
+    return digest.hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     # A rename is durable only once its directory entry is; not every OS lets us open a dir.
     with contextlib.suppress(OSError):
@@ -355,28 +439,73 @@ def _primitive_hparams(hparams: Mapping[str, Any], source: Path) -> dict[str, An
     return loaded
 
 
-def _metrics_from_history(ckpt_path: Path) -> dict[str, float]:
-    """Metrics recorded for this checkpoint in ``checkpoint_history.json`` (DESIGN.md §4)."""
+def _history_entry(ckpt_path: Path) -> Mapping[str, Any] | None:
+    """This checkpoint's entry in ``checkpoint_history.json`` beside it (DESIGN.md §4), if any."""
     history_path = ckpt_path.parent / "checkpoint_history.json"
     if not history_path.is_file():
-        return {}
+        return None
     try:
         history = json.loads(history_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        log.warning("could not read %s; exporting without metrics", history_path)
-        return {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("could not read %s; exporting without its record", history_path)
+        return None
     entries = history
     if isinstance(history, dict):
         entries = history.get("entries", history.get("checkpoints", []))
     for entry in entries if isinstance(entries, list) else []:
         if isinstance(entry, dict) and Path(str(entry.get("file", ""))).name == ckpt_path.name:
-            metrics = entry.get("metrics") or {}
-            return {
-                k: float(v)
-                for k, v in metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-    return {}
+            return entry
+    return None
+
+
+def _metrics_from_history(entry: Mapping[str, Any] | None) -> dict[str, float]:
+    """Metrics recorded for this checkpoint in its history entry."""
+    metrics = (entry or {}).get("metrics") or {}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _verify_against_history(source: Path, entry: Mapping[str, Any] | None) -> None:
+    """Refuse a checkpoint its history calls corrupt or whose bytes differ from the record.
+
+    The same check ``lf-checkpoints verify`` runs (sha256 and size of the file), before the
+    file is unpickled: a bit flip must not become a fresh, valid-looking export (issue 10).
+    """
+    if entry is None:
+        return
+    if entry.get("status") == "corrupt":
+        raise ExportError(
+            f"{source} is marked corrupt in {source.parent / 'checkpoint_history.json'} "
+            f"({entry.get('note') or 'failed its integrity check'}); export another checkpoint "
+            "(`lf-checkpoints list` shows the good ones)."
+        )
+    expected = str(entry.get("sha256") or "")
+    if not expected:
+        return  # an entry written before sha256s were recorded: nothing to compare with
+    size = source.stat().st_size
+    actual = sha256_file(source)
+    expected_size = entry.get("bytes")
+    if actual != expected or (isinstance(expected_size, int) and expected_size != size):
+        raise ExportError(
+            f"{source} fails its integrity check: sha256 {actual[:12]}... with {size} bytes, "
+            f"its history records {expected[:12]}... with {expected_size} bytes (bit flip or "
+            "truncation; `lf-checkpoints verify` calls it CORRUPT). Nothing was exported; "
+            "export another checkpoint or restore this one."
+        )
+
+
+def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], source: Path) -> None:
+    """A server refuses NaN/Inf weights at reload; refuse them here, before an export exists."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not tensor_is_finite(tensor):
+            raise ExportError(
+                f"{source}: weight {name!r} has non-finite values (NaN/Inf); a server would "
+                "refuse this export at reload. Export an earlier checkpoint (`lf-checkpoints "
+                "list` shows the certified ones)."
+            )
 
 
 def _next_sequence(out_dir: Path) -> int:
@@ -411,6 +540,10 @@ def export(
         ModelLoadError: the checkpoint is unsafe, unreadable, or does not fit ``model_class``.
     """
     source = Path(ckpt_path)
+    if not source.is_file():
+        raise ExportNotFoundError(f"checkpoint {source} does not exist")
+    record = _history_entry(source)
+    _verify_against_history(source, record)
     ckpt = load_checkpoint_safely(source)
     state_dict = ckpt.get("state_dict")
     if not isinstance(state_dict, dict) or not state_dict:
@@ -425,23 +558,32 @@ def export(
     }
     if not tensors:
         raise ExportError(f"{source} has no weights under {prefix!r} for {model_class}")
-    check_state_dict(build_model(model_class, hparams), tensors)
+    # Checked against a model built on the meta device: hyperparameters that describe a huge
+    # model (hidden_sizes=[8000, 8000] beside 140 KB of weights) cost nothing to refuse.
+    with torch.device("meta"):
+        expected = build_model(model_class, hparams)
+    check_state_dict(expected, tensors)
+    _refuse_non_finite(tensors, source)
 
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = ExportConfig(model_class=model_class, hparams=hparams)
         _write_text_durable(tmp / CONFIG_FILE, config.model_dump_json(indent=2))
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # One rule for every file of an export: the mode open() gives (0o666 minus the umask).
+        # safetensors creates its file 0o600, which a server running as another user of the
+        # group could not read.
+        os.chmod(tmp / WEIGHTS_FILE, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
         with (tmp / WEIGHTS_FILE).open("rb") as fh:
             os.fsync(fh.fileno())
         files = {
             name: FileEntry(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
             for name in (WEIGHTS_FILE, CONFIG_FILE)
         }
-        found = metrics if metrics is not None else _metrics_from_history(source)
+        found = metrics if metrics is not None else _metrics_from_history(record)
         final = _rename_into_place(tmp, root, step, files, source, found)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -500,12 +642,17 @@ def write_current(root: str | Path, version: str) -> None:
 
 
 def read_current(root: str | Path) -> str | None:
-    """The version ``root/CURRENT`` names, or ``None`` when there is no valid pointer."""
+    """The version ``root/CURRENT`` names, or ``None`` when there is no valid pointer.
+
+    Read like an export's files (a regular file, at most 4 KiB): a FIFO put there would
+    otherwise block the watcher forever.
+    """
     path = Path(root) / CURRENT_FILE
     try:
-        name = path.read_text(encoding="utf-8").strip()
+        with _open_regular(path, declared=None, limit=_MAX_CURRENT_BYTES) as fh:
+            name = fh.read(_MAX_CURRENT_BYTES).decode("utf-8").strip()
         return validate_version_name(name)
-    except (OSError, InvalidVersionNameError):
+    except (OSError, ModelLoadError, InvalidVersionNameError, UnicodeDecodeError):
         return None
 
 
@@ -523,28 +670,55 @@ class ExportStore:
     def __init__(self, root: str | Path, *, verify_checksums: bool = True) -> None:
         self.root = Path(root)
         self.verify_checksums = verify_checksums
+        self._reported_links: set[str] = set()
 
     def path_for(self, version: str) -> Path:
-        """The directory of ``version``, guaranteed to lie inside the store."""
+        """The directory of ``version``, guaranteed to lie inside the store (and not a link)."""
         validate_version_name(version)
-        path = (self.root / version).resolve()
+        candidate = self.root / version
+        if candidate.is_symlink():
+            raise InvalidVersionNameError(
+                f"version {version!r} is a symbolic link in {self.root}; versions are directories "
+                "lf-export wrote there. Remove the link and export the model into the store."
+            )
+        path = candidate.resolve()
         if path.parent != self.root.resolve():
             raise InvalidVersionNameError(f"version {version!r} resolves outside {self.root}")
         return path
 
     def versions(self) -> list[str]:
-        """Every version directory (complete or not), in name order, hidden temp dirs excluded."""
+        """Every version directory (complete or not), in name order.
+
+        Hidden temp dirs are excluded, and so are symbolic links (logged once each): a link
+        could point anywhere, and a version is what lf-export wrote into the store.
+        """
         if not self.root.is_dir():
             return []
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)
-        )
+        names = []
+        for entry in self.root.iterdir():
+            if not _VERSION_RE.match(entry.name):
+                continue
+            if entry.is_symlink():
+                self._report_link(entry)
+            elif entry.is_dir():
+                names.append(entry.name)
+        return sorted(names)
+
+    def _report_link(self, entry: Path) -> None:
+        if entry.name not in self._reported_links:
+            self._reported_links.add(entry.name)
+            log.warning(
+                "skipping %s: a symbolic link is not a version (it could point outside %s); "
+                "remove it and export into the store",
+                entry,
+                self.root,
+            )
 
     def complete_versions(self) -> list[str]:
         """Versions whose manifest is present and parses (checksums are checked on load)."""
         done = []
         for version in self.versions():
-            with contextlib.suppress(ModelLoadError):
+            with contextlib.suppress(ModelLoadError, InvalidVersionNameError):
                 self.read_manifest(version)
                 done.append(version)
         return done
@@ -565,22 +739,29 @@ class ExportStore:
         write_current(self.root, version)
 
     def read_manifest(self, version: str) -> ExportManifest:
-        """Parse ``manifest.json`` of ``version``."""
+        """Parse ``manifest.json`` of ``version`` (a regular file of at most 1 MiB)."""
         directory = self.path_for(version)
         if not directory.is_dir():
             raise ExportNotFoundError(
                 f"export {version!r} not found in {self.root}; available: {self.versions()}"
             )
         path = directory / MANIFEST_FILE
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise IncompleteExportError(f"export {version!r} has no {MANIFEST_FILE}")
+        with _open_regular(path, declared=None, limit=MAX_MANIFEST_BYTES) as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES)
         try:
-            return ExportManifest.model_validate_json(path.read_bytes())
+            return ExportManifest.model_validate_json(raw)
         except ValidationError as exc:
             raise ManifestInvalidError(f"{path} is not a valid manifest: {exc}") from exc
 
     def load(self, version: str) -> LoadedModel:
         """Verify and load ``version``: checksums, config, allowlisted class, keys and shapes.
+
+        Every check that can refuse the export runs before tensor data is read: entries are
+        plain regular files of the declared sizes, the weights' header must match the model's
+        keys, shapes and dtypes (a 1 GiB tensor in a sparse file is refused from its header),
+        then the checksums, then the tensors.
 
         Raises:
             ModelLoadError: a subclass naming what is wrong; nothing is half-loaded.
@@ -590,26 +771,21 @@ class ExportStore:
         for required in (WEIGHTS_FILE, CONFIG_FILE):
             if required not in manifest.files:
                 raise ManifestInvalidError(f"manifest of {version!r} does not list {required}")
-            if not (directory / required).is_file():
-                raise IncompleteExportError(f"export {version!r} has no {required}")
-        if self.verify_checksums:
-            for name, entry in manifest.files.items():
-                actual = sha256_file(directory / name)
-                if actual != entry.sha256:
-                    raise ChecksumMismatchError(
-                        f"{version}/{name}: sha256 {actual[:12]}... differs from the manifest's "
-                        f"{entry.sha256[:12]}...; the file changed after export. Re-export it."
-                    )
-        try:
-            config = ExportConfig.model_validate_json((directory / CONFIG_FILE).read_bytes())
-        except ValidationError as exc:
-            raise ManifestInvalidError(f"{version}/{CONFIG_FILE} is invalid: {exc}") from exc
+        paths = {name: _entry_path(directory, name) for name in manifest.files}
+        config = self._read_config(version, paths[CONFIG_FILE], manifest.files[CONFIG_FILE])
         # Built on the meta device and given the loaded tensors (assign=True): no random init
         # and no second copy, so a reload holds old + new weights, not old + 2x new.
         with torch.device("meta"):
             model = build_model(config.model_class, config.hparams)
-        weights = read_safetensors(directory / WEIGHTS_FILE)
-        check_state_dict(model, weights)
+        weights_entry = manifest.files[WEIGHTS_FILE]
+        with _open_regular(
+            paths[WEIGHTS_FILE], declared=weights_entry.bytes, limit=weights_entry.bytes
+        ) as fh:
+            header = read_safetensors_header(paths[WEIGHTS_FILE], fh)
+            check_shapes(model, header.shapes, header.dtypes)
+            if self.verify_checksums:
+                self._verify_checksums(version, manifest, paths, weights=fh)
+            weights = header.read_tensors(fh)
         model.load_state_dict(weights, strict=True, assign=True)
         left_on_meta = [
             n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
@@ -620,6 +796,43 @@ class ExportStore:
             )
         model.eval()
         return LoadedModel(model=model, version=version, config=config, manifest=manifest)
+
+    def _read_config(self, version: str, path: Path, entry: FileEntry) -> ExportConfig:
+        with _open_regular(path, declared=entry.bytes, limit=entry.bytes) as fh:
+            raw = fh.read(entry.bytes)
+            if self.verify_checksums:
+                _check_sha256(version, CONFIG_FILE, hashlib.sha256(raw).hexdigest(), entry)
+        try:
+            return ExportConfig.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ManifestInvalidError(f"{version}/{CONFIG_FILE} is invalid: {exc}") from exc
+
+    def _verify_checksums(
+        self,
+        version: str,
+        manifest: ExportManifest,
+        paths: Mapping[str, Path],
+        *,
+        weights: BinaryIO,
+    ) -> None:
+        # The weights are hashed through the handle their tensors are then read from, so a
+        # file renamed over them in between cannot slip in unchecked.
+        for name, entry in manifest.files.items():
+            if name == CONFIG_FILE:
+                continue  # hashed from the very bytes that were parsed
+            if name == WEIGHTS_FILE:
+                _check_sha256(version, name, _sha256_of(weights, entry.bytes), entry)
+                continue
+            with _open_regular(paths[name], declared=entry.bytes, limit=entry.bytes) as fh:
+                _check_sha256(version, name, _sha256_of(fh, entry.bytes), entry)
+
+
+def _check_sha256(version: str, name: str, actual: str, entry: FileEntry) -> None:
+    if actual != entry.sha256:
+        raise ChecksumMismatchError(
+            f"{version}/{name}: sha256 {actual[:12]}... differs from the manifest's "
+            f"{entry.sha256[:12]}...; the file changed after export. Re-export it."
+        )
 
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -636,63 +849,146 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file into private, aligned tensors; anything else is refused.
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed header of a safetensors file: every tensor's dtype, shape and byte range.
 
-    The safetensors library validates the file (header, dtypes, offsets: a pickle or a
-    truncated file fails here). The bytes are then read straight into freshly allocated tensors
-    instead of being copied out of the library's memory map, because (measured with a 69 MB
-    policy in ``bench_reload.py``) the mapped pages count in RSS while a reload holds the old
-    model too: old + mapped file + copy is 3x one model, the read path keeps it near 2x. A model
-    pointing into the map itself would crash with SIGBUS if the export were overwritten, and
-    map views are not 64-byte aligned, which changes the matmul kernels' summation order.
+    Attributes:
+        path: the file (for messages).
+        data_start: offset of the first tensor byte (8 + header length).
+        entries: ``name -> (dtype, shape, (begin, end))``, offsets relative to ``data_start``.
+    """
+
+    path: Path
+    data_start: int
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...], tuple[int, int]]]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``name -> shape``, as the header declares it."""
+        return {name: shape for name, (_, shape, _) in self.entries.items()}
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """``name -> dtype``, as the header declares it."""
+        return {name: dtype for name, (dtype, _, _) in self.entries.items()}
+
+    def read_tensors(self, fh: BinaryIO) -> dict[str, torch.Tensor]:
+        """Read every tensor from ``fh`` into private, aligned memory.
+
+        The bytes are read straight into freshly allocated tensors instead of being copied out
+        of the library's memory map, because (measured with a 69 MB policy in
+        ``bench_reload.py``) the mapped pages count in RSS while a reload holds the old model
+        too: old + mapped file + copy is 3x one model, the read path keeps it near 2x. A model
+        pointing into the map itself would crash with SIGBUS if the export were overwritten,
+        and map views are not 64-byte aligned, which changes the matmul kernels' summation order.
+        """
+        try:
+            return {
+                name: _read_tensor(fh, self.data_start, dtype, shape, offsets)
+                for name, (dtype, shape, offsets) in self.entries.items()
+            }
+        except (OSError, ValueError) as exc:
+            raise WeightsFormatError(f"{self.path}: {exc}; re-export it with lf-export") from exc
+
+
+def read_safetensors_header(path: Path, fh: BinaryIO) -> SafetensorsHeader:
+    """Validate ``path`` as safetensors and parse its header from ``fh``; no tensor data is read.
+
+    The safetensors library validates the file first (header size cap, dtypes, offsets that
+    tile the buffer: a pickle or a truncated file fails here) by mapping it, which reads the
+    header only. Anything else is refused, never unpickled.
     """
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             names = list(handle.keys())
-        with path.open("rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(header_len))
-            return {name: _read_tensor(fh, 8 + header_len, header[name]) for name in names}
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        fh.seek(0)
+        header_len = int.from_bytes(fh.read(8), "little")
+        if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+            raise ValueError(f"header of {header_len} bytes is over {MAX_SAFETENSORS_HEADER_BYTES}")
+        header = json.loads(fh.read(header_len))
+        entries = {name: _header_entry(header[name]) for name in names}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise WeightsFormatError(
             f"{path} is not a valid safetensors file ({exc}); exports are read as safetensors "
             "only and never unpickled. Re-export the checkpoint with lf-export."
         ) from exc
+    return SafetensorsHeader(path=path, data_start=8 + header_len, entries=entries)
 
 
-def _read_tensor(fh: Any, base: int, info: Mapping[str, Any]) -> torch.Tensor:
-    tensor = torch.empty([int(d) for d in info["shape"]], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a whole safetensors file (a regular file, never a link or FIFO) into tensors."""
+    size = path.stat().st_size
+    with _open_regular(path, declared=size, limit=size) as fh:
+        return read_safetensors_header(path, fh).read_tensors(fh)
+
+
+def _header_entry(info: Mapping[str, Any]) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    dtype = _SAFETENSORS_DTYPES.get(str(info["dtype"]))
+    if dtype is None:
+        raise ValueError(f"dtype {info['dtype']!r} is not one of {sorted(_SAFETENSORS_DTYPES)}")
+    shape = tuple(int(d) for d in info["shape"])
     begin, end = (int(x) for x in info["data_offsets"])
+    return dtype, shape, (begin, end)
+
+
+def _read_tensor(
+    fh: BinaryIO,
+    base: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    offsets: tuple[int, int],
+) -> torch.Tensor:
+    tensor = torch.empty(list(shape), dtype=dtype)
+    begin, end = offsets
     raw = tensor.reshape(-1).view(torch.uint8)  # safetensors and x86/ARM are little-endian
     if raw.numel() != end - begin:
         raise ValueError(f"tensor bytes {end - begin} do not match its shape and dtype")
     if raw.numel():
         fh.seek(base + begin)
-        if fh.readinto(raw.numpy().data) != raw.numel():
+        if fh.readinto(raw.numpy().data) != raw.numel():  # type: ignore[attr-defined]
             raise ValueError("file ends inside a tensor")
     return tensor
 
 
 def check_state_dict(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Raise ``StateDictMismatchError`` unless keys and shapes match ``model`` exactly."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(
-        f"{k}: expected {expected[k]}, got {got[k]}"
-        for k in set(expected) & set(got)
-        if expected[k] != got[k]
+    check_shapes(model, {k: tuple(v.shape) for k, v in weights.items()})
+
+
+def check_shapes(
+    model: nn.Module,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, torch.dtype] | None = None,
+) -> None:
+    """Raise ``StateDictMismatchError`` unless keys, shapes (and dtypes) match ``model``.
+
+    Works on a model built on the meta device: nothing is allocated, so an export or a
+    checkpoint that declares huge tensors is refused at the cost of its header.
+    """
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    both = set(expected) & set(shapes)
+    wrong_shapes = sorted(
+        f"{k}: expected {expected[k]}, got {shapes[k]}" for k in both if expected[k] != shapes[k]
     )
-    if missing or unexpected or shapes:
+    wrong_dtypes = sorted(
+        f"{k}: expected {state[k].dtype}, got {dtypes[k]}"
+        for k in both
+        if dtypes is not None and k in dtypes and state[k].dtype != dtypes[k]
+    )
+    if missing or unexpected or wrong_shapes or wrong_dtypes:
         parts = []
         if missing:
             parts.append(f"missing keys {missing[:5]}")
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:5]}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:5]}")
+        if wrong_shapes:
+            parts.append(f"shape mismatch {wrong_shapes[:5]}")
+        if wrong_dtypes:
+            parts.append(f"dtype mismatch {wrong_dtypes[:5]}")
         raise StateDictMismatchError(
             f"weights do not fit {type(model).__name__}: " + "; ".join(parts)
         )

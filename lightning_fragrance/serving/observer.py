@@ -6,8 +6,8 @@ Prometheus; this adapter is the one place that knows the collector's recorders.
 
 from __future__ import annotations
 
+from lightning_fragrance.labels import DrainTimeoutAction, ReloadPhase, ReloadResult
 from lightning_fragrance.monitoring import OperationsMetricsCollector
-from lightning_fragrance.serving.hot_reload import DrainTimeoutAction, ReloadPhase, ReloadResult
 
 
 class CollectorReloadObserver:
@@ -20,6 +20,7 @@ class CollectorReloadObserver:
     def __init__(self, collector: OperationsMetricsCollector) -> None:
         self.collector = collector
         self.drain_timeouts: dict[str, int] = {}
+        self.abandoned_loads = 0
 
     def on_phase(self, phase: ReloadPhase, seconds: float) -> None:
         """Observe ``model_reload_phase_seconds{phase}`` (every phase the manager times)."""
@@ -44,3 +45,10 @@ class CollectorReloadObserver:
 
     def on_inflight(self, worker: str, value: int) -> None:
         """In-flight requests are already tracked per process by ``track_api_request``."""
+
+    def on_load_abandoned(self, version: str | None) -> None:
+        """Count a loader abandoned past its deadline (``GET /admin/model``).
+
+        The failed reload itself is counted as ``model_reload_total{result="load_failed"}``.
+        """
+        self.abandoned_loads += 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from lightning_fragrance.serving.hot_reload import (
     NoPreviousVersion,
     ReloadInProgress,
     ReloadPhase,
+    ReloadRecord,
     ReloadResult,
     WorkerStatus,
 )
@@ -66,6 +69,7 @@ class RecordingObserver:
     results: list[ReloadResult] = field(default_factory=list)
     info: list[tuple[str, str, float]] = field(default_factory=list)
     drain_timeouts: list[tuple[int, DrainTimeoutAction]] = field(default_factory=list)
+    abandoned: list[str | None] = field(default_factory=list)
 
     def on_phase(self, phase: ReloadPhase, seconds: float) -> None:
         self.phases.append(phase)
@@ -81,6 +85,9 @@ class RecordingObserver:
 
     def on_inflight(self, worker: str, value: int) -> None:
         pass
+
+    def on_load_abandoned(self, version: str | None) -> None:
+        self.abandoned.append(version)
 
 
 def warmup(model: Tiny) -> torch.Tensor:
@@ -370,3 +377,69 @@ def test_constructor_rejects_negative_settings_with_the_value() -> None:
         HotReloadManager(Loader(), warmup_steps=-1)
     with pytest.raises(ValueError, match="drain_timeout"):
         HotReloadManager(Loader(), drain_timeout=-1.0)
+
+
+def _wait_until(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_a_loader_past_its_deadline_fails_the_reload_frees_the_lock_and_is_counted(
+    tmp_path: Path,
+) -> None:
+    never_written = tmp_path / "fifo"
+    os.mkfifo(never_written)  # opening it for reading blocks until a writer comes
+    base = Loader()
+
+    def loader(version: str | None) -> Tiny:
+        if version == "stuck":
+            with never_written.open("rb") as fh:
+                fh.read()
+        return base(version)
+
+    observer = RecordingObserver()
+    manager = make_manager(loader, observer=observer, load_timeout=0.5)  # type: ignore[arg-type]
+    record = manager.start_reload("stuck")
+    assert record.done.wait(30), "the reload did not end at its load deadline"
+
+    assert record.result is ReloadResult.LOAD_FAILED
+    assert record.error is not None and record.error["reason"] == "load_timeout"
+    assert "load_timeout=0.5 s" in record.error["message"]
+    assert not manager.reloading and manager.current_version == "v1"
+    assert (manager.abandoned_loads_total, manager.abandoned_loaders_running) == (1, 1)
+    assert observer.abandoned == ["stuck"]
+    assert manager.reload("v2") is True  # the lock was freed: the next reload runs
+
+    with never_written.open("wb"):
+        pass  # the abandoned loader now returns; what it built must not serve
+    _wait_until(lambda: manager.abandoned_loaders_running == 0)
+    assert manager.current_version == "v2"
+    assert manager.serve(version_of) == "v2"
+
+
+def test_a_loader_without_arguments_as_in_the_operations_guide_is_accepted() -> None:
+    def load_model() -> Tiny:
+        return Tiny("guide")
+
+    manager: HotReloadManager[Tiny] = HotReloadManager(
+        model_loader=load_model, warmup_func=warmup, warmup_steps=1
+    )
+    assert manager.initialize_first_worker().version == "guide"
+    assert manager.reload() is True
+    assert manager.serve(version_of) == "guide"
+
+
+def test_on_done_gets_the_finished_record_before_the_next_reload_may_start() -> None:
+    manager = make_manager(Loader(fail={"broken"}))
+    seen: list[tuple[ReloadResult | None, bool]] = []
+
+    def on_done(record: ReloadRecord) -> None:
+        seen.append((record.result, manager.reloading))
+
+    assert manager.start_reload("v2", on_done=on_done).done.wait(30)
+    assert manager.start_reload("broken", on_done=on_done).done.wait(30)
+    assert seen == [(ReloadResult.SUCCESS, True), (ReloadResult.LOAD_FAILED, True)]
