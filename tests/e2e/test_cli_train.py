@@ -54,7 +54,12 @@ def test_lf_train_runs_end_to_end_and_writes_checkpoints_history_metrics_and_rep
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "run"
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
-    assert checkpoints == ["checkpoint_step_2.ckpt", "checkpoint_step_4.ckpt"]
+    # step 0: the state the run began from, the last-resort rollback target.
+    assert checkpoints == [
+        "checkpoint_step_0.ckpt",
+        "checkpoint_step_2.ckpt",
+        "checkpoint_step_4.ckpt",
+    ]
     history = json.loads((out / "checkpoints" / "checkpoint_history.json").read_text())
     assert [e["step"] for e in history["entries"]] == [2, 4]
     metrics = json.loads((out / "metrics.json").read_text())

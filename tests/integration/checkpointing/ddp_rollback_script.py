@@ -28,12 +28,12 @@ from lightning_fragrance.callbacks import RollbackCheckpoint
 
 SAVE_EVERY = 3
 # {global_step of the training step that sees a KL spike: the only rank that sees it}. The
-# callback judges it one step later. The first spike (seen at step 7) rolls back to the save of
-# step 6, from each rank's in-memory snapshot; the second comes within `ESCALATE_WITHIN` steps
-# of that rollback, so it escalates to the older save of step 3, which no rank holds in memory:
-# rank 0 flushes its writer, all ranks meet at a barrier and load the file rank 0 wrote.
-SPIKES = {6: 1, 8: 0}
-ESCALATE_WITHIN = 5
+# callback judges it one step later. The first spike (judged at step 8) rolls back to the save
+# of step 6 (known-good: the reading of step 7 was healthy), from each rank's in-memory
+# snapshot; the second is the first reading after that restore, so step 6 is proven damaged and
+# the rollback escalates to the older save of step 3, which no rank holds in memory: rank 0
+# flushes its writer, all ranks meet at a barrier and load the file rank 0 wrote.
+SPIKES = {7: 1, 8: 0}
 MAX_STEPS = 12
 
 
@@ -109,7 +109,6 @@ def main(checkpoint_dir: str, out_dir: str) -> None:
         kl_threshold=0.03,
         loss_increase_multiplier=1e9,
         reward_drop_threshold=1e9,
-        escalate_within_steps=ESCALATE_WITHIN,
     )
     probe = RollbackProbe(guard)
     trainer = pl.Trainer(

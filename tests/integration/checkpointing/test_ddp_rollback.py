@@ -91,13 +91,13 @@ def test_one_rank_triggers_roll_back_both_ranks_to_the_same_steps(
     assert rank0["world_size"] == rank1["world_size"] == 2
     # Each spike was seen by one rank only...
     assert rank0["spiked_at"] == [8]
-    assert rank1["spiked_at"] == [6]
+    assert rank1["spiked_at"] == [7]
     # ...and both ranks rolled back each time, to the same step: first to the newest save (from
     # memory), then, escalating, to the older one (from the file rank 0 wrote).
     assert rank0["rollback_count"] == rank1["rollback_count"] == 2, stdout[-4000:]
     moves0 = [(e["at_step"], e["to_step"]) for e in rank0["rollback_events"]]
     moves1 = [(e["at_step"], e["to_step"]) for e in rank1["rollback_events"]]
-    assert moves0 == moves1 == [(7, 6), (9, 3)]
+    assert moves0 == moves1 == [(8, 6), (9, 3)]
     assert [e["from_memory"] for e in rank0["rollback_events"]] == [True, False]
     assert [e["from_memory"] for e in rank1["rollback_events"]] == [True, False]
     # The global step kept counting through both rollbacks.
@@ -136,4 +136,4 @@ def test_ddp_history_lists_exactly_the_files_rank_zero_wrote_and_both_rollbacks(
     rollbacks = [
         (e["at_step"], e["to_step"]) for e in history["events"] if e.get("type") == "rollback"
     ]
-    assert rollbacks == [(7, 6), (9, 3)]
+    assert rollbacks == [(8, 6), (9, 3)]

@@ -152,7 +152,7 @@ def test_training_goes_on_to_max_steps_when_the_disk_fills_up(
 ) -> None:
     _, outcome, _ = file_size_limited_run
     assert outcome["global_step"] == MAX_STEPS
-    assert outcome["saved"] == [2, 4]
+    assert outcome["saved"] == [0, 2, 4]  # 0: the state the fit began from
 
 
 def test_each_failed_write_is_reported_to_observers_and_the_log_with_its_cause(
@@ -175,8 +175,8 @@ def test_checkpoints_committed_before_the_disk_filled_up_stay_intact_and_restora
     state = inspect_directory(directory)
     assert not state.problems, state.problems
     assert not state.tmp_files, state.tmp_files
-    assert [e["step"] for e in state.entries] == [2, 4]
-    assert state.good_steps == [2, 4]
+    assert [e["step"] for e in state.entries] == [0, 2, 4]
+    assert state.good_steps == [0, 2, 4]
     assert not (directory / "checkpoint_step_6.ckpt").exists()
     # The spike after the disk filled up rolled back to the newest intact file.
     assert outcome["rollbacks"] == [
@@ -199,7 +199,7 @@ def test_an_fsspec_disk_that_runs_out_of_space_keeps_older_checkpoints_and_train
         trainer.fit(PayloadModule(width=64), payload_loader())
     try:
         assert trainer.global_step == MAX_STEPS
-        assert recorder.saved == [2, 4]
+        assert recorder.saved == [0, 2, 4]
         assert [step for step, _ in recorder.errors] == [6, 8, 10]
         for _, error in recorder.errors:
             assert any(getattr(e, "errno", None) == errno.ENOSPC for e in _causes(error))
@@ -207,7 +207,7 @@ def test_an_fsspec_disk_that_runs_out_of_space_keeps_older_checkpoints_and_train
         assert any("step=6" in line for line in logged), logged
         fs.capacity = None
         store = CheckpointStore("/run/checkpoints", fs=fs, read_only=True)
-        assert [r.step for r in store.records()] == [2, 4]
+        assert [r.step for r in store.records()] == [0, 2, 4]
         assert all(store.verify(r) for r in store.records())
         assert not [p for p in fs.ls("/run/checkpoints", detail=False) if p.endswith(".tmp")]
     finally:

@@ -183,8 +183,9 @@ def test_rollback_from_file_waits_for_the_pending_write_of_its_target(
         assert fs.write_waiting.wait(WAIT_S)
         _train_step(policy, value, optimizer)  # the weights move on
 
-        should, target, reason = manager.check_rollback(11, 1.2, 20.0)
-        assert should and reason == "loss_spike"
+        assert not manager.check_rollback(11, 0.5, 20.0).should_rollback  # 10 is known-good
+        should, target, reason = manager.check_rollback(12, 1.2, 20.0)
+        assert should and reason is not None and reason.code == "loss_spike"
         assert target is not None and target.step == 10
         rollback, result = _run_in_thread(lambda: manager.rollback(policy, value, optimizer))
         rollback.join(BLOCKED_PROBE_S)
@@ -321,7 +322,8 @@ def test_pipelined_saves_with_reused_staging_buffers_each_write_their_own_step(
             assert torch.equal(stored, weights_at[record.step]), f"step {record.step}"
 
         _train_step(policy, value, optimizer)
-        assert manager.check_rollback(36, 1.2, 20.0).should_rollback
+        assert not manager.check_rollback(36, 0.5, 20.0).should_rollback  # 35 is known-good
+        assert manager.check_rollback(37, 1.2, 20.0).should_rollback
         restored = manager.rollback(policy, value, optimizer)
         assert restored is not None and restored.step == 35
         assert torch.equal(policy.weight, weights_at[35])
