@@ -61,7 +61,7 @@ def test_lf_train_runs_end_to_end_and_writes_checkpoints_history_metrics_and_rep
         "checkpoint_step_4.ckpt",
     ]
     history = json.loads((out / "checkpoints" / "checkpoint_history.json").read_text())
-    assert [e["step"] for e in history["entries"]] == [2, 4]
+    assert [e["step"] for e in history["entries"]] == [0, 2, 4]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [row["step"] for row in metrics] == [1, 2, 3, 4]
     assert {"train/reward", "train/kl", "train/loss", "train/grad_norm"} <= set(metrics[-1])

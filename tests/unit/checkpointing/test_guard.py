@@ -50,7 +50,7 @@ def test_a_checkpoint_becomes_a_target_only_after_a_healthy_reading_produced_aft
     assert guard.target(101) is not None and guard.target(101).step == 100  # type: ignore[union-attr]
 
 
-def test_a_checkpoint_whose_first_fresh_evidence_is_bad_is_rejected_and_the_older_one_used() -> None:
+def test_a_save_whose_first_fresh_evidence_is_bad_is_rejected_and_the_older_one_used() -> None:
     guard = guard_with_saves([100, 200])
     guard.observe(300, HEALTHY)
     guard.record_save(300, HEALTHY)  # the fault happened just before: metrics not showing yet
