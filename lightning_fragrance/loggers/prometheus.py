@@ -27,12 +27,17 @@ from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, pus
 from prometheus_client.exposition import start_http_server
 
 from lightning_fragrance.monitoring.checkpoint_observer import PrometheusCheckpointObserver
-from lightning_fragrance.monitoring.collector import OperationsMetricsCollector
-from lightning_fragrance.monitoring.metrics import CATALOGUE, MetricGroup
+from lightning_fragrance.monitoring.collector import OperationsMetricsCollector, in_value_range
+from lightning_fragrance.monitoring.metrics import CATALOGUE, DroppedValueReason, MetricGroup
 
 log = logging.getLogger(__name__)
 
 DROP = "drop"
+# The ``key`` label of ``rl_logger_dropped_values_total`` once ``max_unknown_metrics`` distinct
+# keys have been dropped: a loop logging ever-new keys must not create ever-new series.
+OTHER_KEYS = "_other_keys"
+# A dropped key is warned about at most once per this many seconds (the counter has every drop).
+DROP_WARNING_INTERVAL_S = 60.0
 
 # Targets a logged key can map to, and the collector argument each one sets.
 _TARGETS: Mapping[str, str] = {
@@ -44,6 +49,9 @@ _TARGETS: Mapping[str, str] = {
     "rl_clip_fraction": "clip_fraction",
     "rl_kl_divergence": "kl_divergence",
 }
+
+# Catalogued metric behind each target, whose value_range a value must fit.
+_TARGET_METRICS: Mapping[str, str] = {target: target.split("{")[0] for target in _TARGETS}
 
 DEFAULT_METRIC_MAP: Mapping[str, str] = {
     "train/policy_loss": 'rl_loss{type="policy"}',
@@ -74,6 +82,14 @@ def sanitise_metric_name(key: str, prefix: str) -> str:
     """Turn a logged key into a legal Prometheus name: ``val/loss@1`` -> ``{prefix}val_loss_1``."""
     body = _NAME_CHARS.sub("_", key).strip("_")
     return f"{prefix}{body}" if body else f"{prefix}unnamed"
+
+
+def _as_float(raw: object) -> float | None:
+    """``raw`` as a float, or None when it is not a number (a string, a multi-element tensor)."""
+    try:
+        return float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: torch, tensor of many values
+        return None
 
 
 def _flatten(params: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
@@ -226,7 +242,10 @@ class PrometheusLogger(Logger):
         )
         self._unknown: dict[str, Gauge] = {}
         self._unknown_by_name: dict[str, Gauge] = {}
-        self._dropped_warned: set[str] = set()
+        self._dropped_keys: set[str] = set()
+        self._drop_warned_at: dict[str, float] = {}
+        self._drops_since_warning: dict[str, int] = {}
+        self._server_failed = False
         self._updates_seen = 0
         self._last_push_request = -math.inf
         self._last_error_log = -math.inf
@@ -307,27 +326,37 @@ class PrometheusLogger(Logger):
         self._ensure_started()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Map the logged values onto the metrics; request a push when the interval elapsed."""
+        """Map the logged values onto the metrics; request a push when the interval elapsed.
+
+        Never raises: a value its metric cannot take (a clip fraction of 1.0000001, a string)
+        is dropped, counted in ``rl_logger_dropped_values_total{key, reason}`` and warned about
+        at most once a minute per key. A metrics hiccup must not abort ``Trainer.fit``.
+        """
         if not self._active():
             return
         values: dict[str, float] = {}
+        logged_as: dict[str, str] = {}  # collector argument -> the key it came from
         for key, raw in metrics.items():
-            value = float(raw)
-            target = self._map.get(key)
-            if target is None and key.endswith("_step"):
-                target = self._map.get(key[: -len("_step")])
+            target = self._target(key)
             if target == DROP:
                 continue
-            if target is not None:
+            value = _as_float(raw)
+            if value is None:
+                self._drop(key, DroppedValueReason.NOT_A_NUMBER, raw)
+            elif target is None:
+                if self.unknown_keys == "gauge":
+                    self._set_unknown(key, value)
+            elif not in_value_range(_TARGET_METRICS[target], value):
+                self._drop(key, DroppedValueReason.OUT_OF_RANGE, value)
+            else:
                 values[_TARGETS[target]] = value
-            elif self.unknown_keys == "gauge":
-                self._set_unknown(key, value)
+                logged_as[_TARGETS[target]] = key
         updates = 1
         if step is not None:
             updates = max(0, step + 1 - self._updates_seen)
             self._updates_seen = max(self._updates_seen, step + 1)
         if values or updates:
-            self.collector.record_rl_metrics(self.algorithm, updates=updates, step=step, **values)
+            self._record(values, logged_as, updates, step)
         self._ensure_started()
         now = time.monotonic()
         if self._pusher is not None and now - self._last_push_request >= self.push_interval:
@@ -373,18 +402,64 @@ class PrometheusLogger(Logger):
     def _active(self) -> bool:
         return self.all_ranks or self.rank == 0
 
+    def _target(self, key: str) -> str | None:
+        """Mapping target of a logged key; Lightning's ``_step`` suffix maps like the bare key."""
+        target = self._map.get(key)
+        if target is None and key.endswith("_step"):
+            target = self._map.get(key[: -len("_step")])
+        return target
+
+    def _record(
+        self, values: dict[str, float], logged_as: dict[str, str], updates: int, step: int | None
+    ) -> None:
+        try:
+            self.collector.record_rl_metrics(self.algorithm, updates=updates, step=step, **values)
+        except (ValueError, RuntimeError) as exc:  # e.g. a malformed algorithm name
+            for argument in values:
+                self._drop(logged_as[argument], DroppedValueReason.REJECTED, exc)
+            if not values:
+                self._drop("rl_update_total", DroppedValueReason.REJECTED, exc)
+
+    def _drop(self, key: str, reason: DroppedValueReason, value: object) -> None:
+        """Count a dropped value under its key (capped) and warn at most once a minute per key."""
+        label = key
+        if key not in self._dropped_keys:
+            if len(self._dropped_keys) >= self.max_unknown_metrics:
+                label = OTHER_KEYS
+            else:
+                self._dropped_keys.add(key)
+        self.collector.record_dropped_value(label, reason)
+        self._drops_since_warning[key] = self._drops_since_warning.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self._drop_warned_at.get(key, -math.inf) < DROP_WARNING_INTERVAL_S:
+            return
+        self._drop_warned_at[key] = now
+        count = self._drops_since_warning.pop(key)
+        log.warning(
+            "PrometheusLogger dropped %r = %.200r (%s%s); %d such value(s) since the last warning, "
+            "all counted in rl_logger_dropped_values_total; training continues",
+            key,
+            value,
+            reason.value,
+            self._drop_hint(key, reason),
+            count,
+        )
+
+    def _drop_hint(self, key: str, reason: DroppedValueReason) -> str:
+        target = self._target(key)
+        if reason is DroppedValueReason.OUT_OF_RANGE and target is not None:
+            metric = _TARGET_METRICS[target]
+            low, high = CATALOGUE[metric].value_range or (-math.inf, math.inf)
+            return f": {metric} takes values in [{low:g}, {high:g}]"
+        if reason is DroppedValueReason.OVER_CAP:
+            return f": max_unknown_metrics={self.max_unknown_metrics} reached; use metric_map"
+        return ""
+
     def _set_unknown(self, key: str, value: float) -> None:
         gauge = self._unknown.get(key)
         if gauge is None:
             if len(self._unknown) >= self.max_unknown_metrics:
-                if key not in self._dropped_warned:
-                    self._dropped_warned.add(key)
-                    log.warning(
-                        "PrometheusLogger: %r dropped, max_unknown_metrics=%d reached; map it "
-                        "with metric_map or raise the cap",
-                        key,
-                        self.max_unknown_metrics,
-                    )
+                self._drop(key, DroppedValueReason.OVER_CAP, value)
                 return
             name = sanitise_metric_name(key, self.unknown_prefix)
             gauge = self._unknown_by_name.get(name)
@@ -401,10 +476,21 @@ class PrometheusLogger(Logger):
             if self.pushgateway_url:
                 if self._pusher is None:
                     self._pusher = _BackgroundPusher(self._push, f"prometheus-push-{self._run_id}")
-            elif self._server is None:
-                self._server, self._server_thread = start_http_server(
-                    self.http_port, addr=self.http_host, registry=self.registry
-                )
+            elif self._server is None and not self._server_failed:
+                try:
+                    self._server, self._server_thread = start_http_server(
+                        self.http_port, addr=self.http_host, registry=self.registry
+                    )
+                except OSError as exc:  # the port is taken: training goes on without /metrics
+                    self._server_failed = True
+                    log.error(
+                        "PrometheusLogger could not serve /metrics on %s:%d (%s); training "
+                        "continues without it: pick a free http_port (0 = any)",
+                        self.http_host,
+                        self.http_port,
+                        exc,
+                    )
+                    return
                 log.info("PrometheusLogger serving %s", self.metrics_url)
 
     def _push(self) -> None:

@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING
 from lightning_fragrance.lazy_exports import lazy_exports
 from lightning_fragrance.monitoring.metrics import (
     CATALOGUE,
+    REPAIR_TYPE_ALIASES,
     BriefMode,
     DrainTimeoutAction,
+    DroppedValueReason,
+    GuardThreshold,
     MetricGroup,
     MetricSpec,
     MetricType,
@@ -55,10 +58,13 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 __all__ = [
     "CATALOGUE",
+    "REPAIR_TYPE_ALIASES",
     "ApiRequestOutcome",
     "BriefMode",
     "BriefOutcome",
     "DrainTimeoutAction",
+    "DroppedValueReason",
+    "GuardThreshold",
     "MetricGroup",
     "MetricSpec",
     "MetricType",

@@ -8,9 +8,11 @@ checkpointing import: the methods below match that protocol by name and signatur
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from lightning_fragrance.labels import RollbackReason
 from lightning_fragrance.monitoring.collector import OperationsMetricsCollector
+from lightning_fragrance.monitoring.metrics import GuardThreshold
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,8 @@ def rollback_reason_label(reason: object) -> str:
 class PrometheusCheckpointObserver:
     """A ``CheckpointObserver`` that records into an ``OperationsMetricsCollector``.
 
-    Feeds ``checkpoint_saves_total{result}``, ``checkpoint_rollbacks_total{reason}`` and
-    ``checkpoint_save_seconds{phase}``. Attach it with
+    Feeds ``checkpoint_saves_total{result}``, ``checkpoint_rollbacks_total{reason}``,
+    ``checkpoint_save_seconds{phase}`` and ``rl_guard_threshold{threshold}``. Attach it with
     ``RollbackCheckpoint(observers=[PrometheusCheckpointObserver(collector)])``, or use
     ``PrometheusLogger.checkpoint_observer`` so the events are pushed with the training metrics.
     A metrics failure is logged and swallowed: metrics must never break a checkpoint save.
@@ -39,6 +41,25 @@ class PrometheusCheckpointObserver:
 
     def __init__(self, collector: OperationsMetricsCollector) -> None:
         self.collector = collector
+
+    def on_guard_start(self, run_id: str, thresholds: Mapping[str, float]) -> None:
+        """A guarded fit starts: publish the guard's thresholds as ``rl_guard_threshold``.
+
+        The alerts compare each run's values with these instead of constants, so a task whose
+        healthy KL is 0.1 under a 0.3 guard does not page at the guide's 0.03 (issue 10,
+        item 15). The series carry the labels of the collector's other series (the logger's
+        ``run_id`` grouping key), not ``run_id`` here: the guard's id may differ from it.
+        Names outside ``GuardThreshold`` are skipped.
+        """
+        known = {item.value for item in GuardThreshold}
+        for name, value in thresholds.items():
+            if name not in known:
+                log.debug("guard threshold %r of run %s is not published", name, run_id)
+                continue
+            try:
+                self.collector.set_guard_threshold(name, float(value))
+            except (TypeError, ValueError, RuntimeError):
+                log.exception("could not publish the guard threshold %s=%r", name, value)
 
     def on_checkpoint_saved(
         self, step: int, nbytes: int, blocking_seconds: float, write_seconds: float

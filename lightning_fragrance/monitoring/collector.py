@@ -40,10 +40,13 @@ from lightning_fragrance.monitoring.metrics import (
     BRIEF_STATUSES,
     HTTP_METHODS,
     RELOAD_TIMED_PHASES,
+    REPAIR_TYPE_ALIASES,
     SAVE_PHASES,
     SAVE_RESULTS,
     BriefMode,
     DrainTimeoutAction,
+    DroppedValueReason,
+    GuardThreshold,
     LossType,
     MetricGroup,
     MetricSpec,
@@ -53,6 +56,7 @@ from lightning_fragrance.monitoring.metrics import (
     ReloadResult,
     RepairType,
     RollbackReason,
+    repair_type_value,
     spec,
     specs,
 )
@@ -112,9 +116,13 @@ class BriefOutcome:
         self._start = 0.0
 
     def mark_repaired(self, repair_type: str | RepairType = RepairType.OTHER) -> None:
-        """Record that the answer needed a repair of this type (validated when recorded)."""
+        """Record that the answer needed a repair of this type (validated when recorded).
+
+        The operations guide's names are accepted as aliases (``"code_block"`` counts as
+        ``code_fence``: ``REPAIR_TYPE_ALIASES``).
+        """
         self.repaired = True
-        self.repair_type = str(repair_type.value) if isinstance(repair_type, Enum) else repair_type
+        self.repair_type = repair_type_value(repair_type)
 
     def mark_failed(self) -> None:
         """Record the brief as a failure even though no exception escaped."""
@@ -342,7 +350,8 @@ class OperationsMetricsCollector:
             success: Whether a valid brief came out.
             latency_seconds: End-to-end latency, >= 0.
             repaired: Whether the answer had to be repaired.
-            repair_type: Kind of repair (``RepairType``); ``other`` when repaired without one.
+            repair_type: Kind of repair (``RepairType`` or its value; the guide's names in
+                ``REPAIR_TYPE_ALIASES`` too); ``other`` when repaired without one.
 
         Raises:
             ValueError: Unknown mode or repair type, negative or non-finite latency.
@@ -354,8 +363,11 @@ class OperationsMetricsCollector:
             repair = None
             if repaired or repair_type is not None:
                 repair_value = _choice(
-                    "repair_type", repair_type or RepairType.OTHER, _REPAIR_TYPES
+                    "repair_type",
+                    repair_type_value(repair_type or RepairType.OTHER),
+                    _REPAIR_TYPES_AND_ALIASES,
                 )
+                repair_value = repair_type_value(repair_value)
                 repair = self._child("llm_brief_repairs_total", (mode_value, repair_value))
             status = "success" if success else "failure"
             children = (
@@ -438,11 +450,7 @@ class OperationsMetricsCollector:
         """
         if updates < 0:
             raise ValueError(f"updates must be >= 0, got {updates}")
-        if (
-            clip_fraction is not None
-            and math.isfinite(clip_fraction)
-            and not 0.0 <= clip_fraction <= 1.0
-        ):
+        if clip_fraction is not None and not in_value_range("rl_clip_fraction", clip_fraction):
             raise ValueError(f"clip_fraction must be in [0, 1], got {clip_fraction}")
         if updates:
             if algorithm is None:
@@ -639,6 +647,26 @@ class OperationsMetricsCollector:
         """Count one failed push of the training logger."""
         self._metric("rl_logger_push_errors_total").inc()
 
+    def record_dropped_value(self, key: str, reason: str | DroppedValueReason) -> None:
+        """Count one logged value the training logger dropped (``key`` is capped by the caller).
+
+        Raises:
+            ValueError: A reason outside ``DroppedValueReason``.
+        """
+        reason_value = _choice("reason", reason, _DROP_REASONS)
+        self._child("rl_logger_dropped_values_total", (key, reason_value)).inc()
+
+    def set_guard_threshold(self, threshold: str | GuardThreshold, value: float) -> None:
+        """Publish one configured threshold of the rollback guard (``rl_guard_threshold``).
+
+        Raises:
+            ValueError: A threshold name outside ``GuardThreshold`` or a non-finite value.
+        """
+        child = self._vocabulary_child(
+            "rl_guard_threshold", "threshold", threshold, _GUARD_THRESHOLDS
+        )
+        child.set(_finite(f"guard threshold {threshold}", value))
+
     def set_run_info(self, labels: Mapping[str, str]) -> None:
         """Export run metadata (hyperparameters) as ``rl_run_info{...} 1``.
 
@@ -688,6 +716,22 @@ def _enum_values(enum: type[Enum]) -> tuple[str, ...]:
 
 _BRIEF_MODES = _enum_values(BriefMode)
 _REPAIR_TYPES = _enum_values(RepairType)
+_REPAIR_TYPES_AND_ALIASES = _REPAIR_TYPES + tuple(REPAIR_TYPE_ALIASES)
+_DROP_REASONS = _enum_values(DroppedValueReason)
+_GUARD_THRESHOLDS = _enum_values(GuardThreshold)
+
+
+def in_value_range(name: str, value: float) -> bool:
+    """Whether ``value`` fits the catalogued ``value_range`` of metric ``name``.
+
+    Non-finite values always fit: a NaN must reach the dashboard (the guard acts on it).
+    """
+    bounds = spec(name).value_range
+    if bounds is None or not math.isfinite(value):
+        return True
+    return bounds[0] <= value <= bounds[1]
+
+
 _ROLLBACK_REASONS = _enum_values(RollbackReason)
 _RELOAD_RESULTS = _enum_values(ReloadResult)
 _RELOAD_PHASES = tuple(phase.value for phase in RELOAD_TIMED_PHASES)

@@ -28,6 +28,7 @@ from lightning_fragrance.monitoring.metrics import (
     API_P95_OBJECTIVE_SECONDS,
     BRIEF_P95_OBJECTIVE_SECONDS,
     CATALOGUE,
+    GuardThreshold,
     series_to_metric,
 )
 
@@ -84,6 +85,22 @@ def _mode_threshold_overrides() -> list[dict[str, Any]]:
             ],
         }
         for mode, seconds in BRIEF_P95_OBJECTIVE_SECONDS.items()
+    ]
+
+
+GUARD_THRESHOLD_LEGEND = "guard threshold"
+
+
+def _guard_threshold_overrides() -> list[dict[str, Any]]:
+    """Draw the guard's threshold series as a dashed red line next to the value it bounds."""
+    return [
+        {
+            "matcher": {"id": "byRegexp", "options": f".*{GUARD_THRESHOLD_LEGEND}$"},
+            "properties": [
+                {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+            ],
+        }
     ]
 
 
@@ -153,8 +170,18 @@ SECTIONS: Sequence[tuple[str, Sequence[Panel]]] = (
             ),
             Panel(
                 "KL divergence",
-                [Query("rl_kl_divergence", "{{run_id}}")],
-                thresholds=[(0.03, "red")],
+                [
+                    Query("rl_kl_divergence", "{{run_id}}"),
+                    Query(
+                        f'rl_guard_threshold{{threshold="{GuardThreshold.KL.value}"}}',
+                        "{{run_id}} " + GUARD_THRESHOLD_LEGEND,
+                    ),
+                ],
+                # No constant line: each run's own guard threshold (the guide's 0.03 paints a
+                # healthy reference-task run red: its KL is 0.06-0.11 under a 0.3 guard).
+                description="Dashed: the KL threshold the run's rollback guard was configured "
+                "with; the RLKLDivergenceHigh alert compares against it.",
+                overrides=_guard_threshold_overrides(),
             ),
             Panel(
                 "RL updates per second",
@@ -278,6 +305,18 @@ SECTIONS: Sequence[tuple[str, Sequence[Panel]]] = (
                     )
                 ],
                 thresholds=[(1.0, "red")],
+            ),
+            Panel(
+                "Logged values dropped by the logger",
+                [
+                    Query(
+                        "sum by (run_id, key, reason) "
+                        f"(increase(rl_logger_dropped_values_total[{RATE}]))",
+                        "{{run_id}} {{key}} {{reason}}",
+                    )
+                ],
+                description="Values the logger could not export (e.g. a clip fraction above 1); "
+                "training went on. The log has one warning per key per minute.",
             ),
             Panel(
                 "Run hyperparameters",

@@ -79,6 +79,50 @@ class RepairType(str, Enum):
     OTHER = "other"  # repaired, but the caller gave no type
 
 
+# The operations guide's own names for some repair types: its literal calls
+# (``tracker.mark_repaired("code_block")``) are accepted, and the metric always carries the
+# catalogue's value, so the label stays one vocabulary. ``trailing_comma`` already matches.
+REPAIR_TYPE_ALIASES: Mapping[str, RepairType] = {
+    "code_block": RepairType.CODE_FENCE,
+}
+
+
+def repair_type_value(repair_type: str | RepairType) -> str:
+    """The catalogue value of a repair type given as a member, a value or a guide alias.
+
+    Unknown names are returned unchanged, for the recorder to refuse with the allowed values.
+    """
+    if isinstance(repair_type, RepairType):
+        return repair_type.value
+    alias = REPAIR_TYPE_ALIASES.get(repair_type)
+    return alias.value if alias is not None else repair_type
+
+
+class DroppedValueReason(str, Enum):
+    """Why the training logger dropped a logged value (``rl_logger_dropped_values_total``).
+
+    ``log_metrics`` never raises: a value a metric cannot take is dropped, counted and warned
+    about, because a metrics hiccup must not abort ``Trainer.fit`` (issue 10, item 13).
+    """
+
+    OUT_OF_RANGE = "out_of_range"  # outside the metric's value_range (clip fraction 1.0000001)
+    NOT_A_NUMBER = "not_a_number"  # the value does not convert to a float
+    OVER_CAP = "over_cap"  # an unmapped key past max_unknown_metrics
+    REJECTED = "rejected"  # the collector refused it for another reason
+
+
+class GuardThreshold(str, Enum):
+    """The rollback guard's thresholds published as ``rl_guard_threshold{threshold}``.
+
+    The names of the guard's own settings (``RollbackConditions``), so an alert compares a
+    value with the threshold the run was configured with, not a constant (issue 10, item 15).
+    """
+
+    KL = "kl_threshold"
+    LOSS_INCREASE_MULTIPLIER = "loss_increase_multiplier"
+    REWARD_DROP = "reward_drop_threshold"
+
+
 RELOAD_TIMED_PHASES: tuple[ReloadPhase, ...] = tuple(
     phase for phase in ReloadPhase if phase is not ReloadPhase.FAILED
 )
@@ -136,6 +180,8 @@ class MetricSpec:
         buckets: Histogram bucket upper bounds (``+Inf`` is implied).
         multiprocess_mode: How gauges aggregate across processes in multiprocess mode.
         dynamic_labels: Label names are only known at run time (``rl_run_info``).
+        value_range: Closed interval a value must lie in (None: any); non-finite values are
+            exported as they are (a NaN loss must show on the dashboard).
     """
 
     name: str
@@ -147,6 +193,7 @@ class MetricSpec:
     buckets: tuple[float, ...] | None = None
     multiprocess_mode: str = "all"
     dynamic_labels: bool = False
+    value_range: tuple[float, float] | None = None
 
     @property
     def base_name(self) -> str:
@@ -229,6 +276,7 @@ _CATALOGUE: tuple[MetricSpec, ...] = (
         "Latest fraction of PPO ratios that were clipped (0-1).",
         MetricGroup.RL,
         multiprocess_mode="mostrecent",
+        value_range=(0.0, 1.0),
     ),
     MetricSpec(
         "rl_kl_divergence",
@@ -264,6 +312,24 @@ _CATALOGUE: tuple[MetricSpec, ...] = (
         MetricType.COUNTER,
         "Pushes of the Prometheus logger to the Pushgateway that failed or timed out.",
         MetricGroup.LOGGER,
+    ),
+    MetricSpec(
+        "rl_logger_dropped_values_total",
+        MetricType.COUNTER,
+        "Logged values the Prometheus logger dropped instead of failing the training step.",
+        MetricGroup.LOGGER,
+        ("key", "reason"),
+        # key: the logged key as written in the LightningModule (capped by the logger).
+        {"reason": _values(DroppedValueReason)},
+    ),
+    MetricSpec(
+        "rl_guard_threshold",
+        MetricType.GAUGE,
+        "Threshold the run's rollback guard was configured with (alerts compare against it).",
+        MetricGroup.CHECKPOINT,
+        ("threshold",),
+        {"threshold": _values(GuardThreshold)},
+        multiprocess_mode="mostrecent",
     ),
     MetricSpec(
         "api_request_total",

@@ -91,6 +91,8 @@ def live(stack_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             accelerator="cpu",
             devices=1,
         )
+        # A clip fraction a hair above 1: dropped and counted, so its panel has data too.
+        logger.log_metrics({"train/clip_fraction": 1.0000001}, step=0)
         model = ToyPolicyModule(divergence=DivergenceSpec(at_step=10, loss_scale=1.0, kl=0.5))
         trainer.fit(model, toy_dataloader(n=256))
         assert rollback.rollback_count >= 1, "the injected KL spike must trigger a rollback"
@@ -123,6 +125,14 @@ def _annotation_exprs() -> list[tuple[str, str]]:
     return [(a["name"], a["expr"]) for a in dashboard["annotations"]["list"] if "expr" in a]
 
 
+# Vector-matching modifiers after a comparison operator ("> on(run_id) group_left x"): not part
+# of the right-hand operand, which must be queried on its own.
+_MATCHING = re.compile(
+    r"^\s*(bool\s+)?((on|ignoring)\s*\([^)]*\)\s*)?"
+    r"((group_left|group_right)(\s*\([^)]*\))?\s*)?"
+)
+
+
 def _split_comparison(expr: str) -> list[str]:
     """The operands of the top-level comparison of an alert expression (numbers dropped)."""
     depth = 0
@@ -136,7 +146,7 @@ def _split_comparison(expr: str) -> list[str]:
         depth -= char in ")]}"
         if depth == 0 and char in "<>=!" and expr[index + 1 : index + 2] != "~":
             end = index + 2 if expr[index + 1 : index + 2] == "=" else index + 1
-            sides = [expr[:index].strip(), expr[end:].strip()]
+            sides = [expr[:index].strip(), _MATCHING.sub("", expr[end:]).strip()]
             return [side for side in sides if not re.fullmatch(r"[-+0-9.e]+", side)]
     raise AssertionError(f"alert expression without a comparison: {expr}")
 

@@ -246,3 +246,92 @@ def test_hydra_config_instantiates_the_logger_with_every_argument(
     assert sample(logger, "rl_kl_divergence") == 0.5
     logger.finalize("success")  # nothing listens on port 9: the push fails, counted
     assert logger.push_errors >= 1
+
+
+class OverClippingModule(ToyPolicyModule):
+    """Logs a clip fraction a hair above 1 at every step, as float rounding in PPO can."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.log("train/clip_fraction", 1.0000001, on_step=True, on_epoch=False)
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_out_of_range_clip_fraction_is_dropped_and_counted_while_fit_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = PrometheusLogger()
+    trainer = pl.Trainer(
+        max_steps=6,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    with caplog.at_level("WARNING", logger="lightning_fragrance.loggers.prometheus"):
+        trainer.fit(OverClippingModule(), toy_dataloader(n=512))
+
+    assert trainer.global_step == 6  # the fit ran to the end
+    dropped = {"key": "train/clip_fraction", "reason": "out_of_range"}
+    assert sample(logger, "rl_logger_dropped_values_total", **dropped) == 6
+    assert math.isnan(sample(logger, "rl_clip_fraction") or 0.0)  # never set to a bad value
+    assert sample(logger, "rl_reward") is not None and sample(logger, "rl_global_step") == 5
+    warnings = [r for r in caplog.records if "train/clip_fraction" in r.getMessage()]
+    assert len(warnings) == 1  # throttled: one per key per minute, the counter has the rest
+    assert "rl_clip_fraction takes values in [0, 1]" in warnings[0].getMessage()
+
+
+def test_a_value_that_is_not_a_number_is_dropped_and_counted() -> None:
+    logger = PrometheusLogger()
+    logger.log_metrics({"train/reward": "high", "val/score": [1, 2], "train/entropy": 1.5}, step=0)
+    for key in ("train/reward", "val/score"):
+        assert sample(logger, "rl_logger_dropped_values_total", key=key, reason="not_a_number")
+    assert sample(logger, "rl_entropy") == 1.5
+    logger.finalize("success")
+
+
+def test_dropped_keys_beyond_the_cap_share_one_label_so_series_stay_bounded() -> None:
+    logger = PrometheusLogger(max_unknown_metrics=2)
+    for index in range(5):
+        logger.log_metrics({f"train/clip_fraction_{index}": 1.0, f"k{index}": "x"}, step=index)
+    labels = {
+        s.labels["key"]
+        for metric in logger.registry.collect()
+        if metric.name == "rl_logger_dropped_values"
+        for s in metric.samples
+    }
+    assert labels == {"k0", "k1", "_other_keys"}
+    logger.finalize("success")
+
+
+def test_logger_observer_publishes_the_guards_thresholds_under_the_loggers_run_id(
+    gateway: CountingGateway, tmp_path: Path
+) -> None:
+    from lightning_fragrance.callbacks import RollbackCheckpoint
+
+    logger = PrometheusLogger(pushgateway_url=gateway.address, run_id="logger-run")
+    guard = RollbackCheckpoint(
+        dirpath=tmp_path,
+        save_every_n_steps=4,
+        kl_threshold=0.3,
+        observers=[logger.checkpoint_observer],
+    )
+    trainer = pl.Trainer(
+        max_steps=8,
+        logger=logger,
+        callbacks=[guard],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(ToyPolicyModule(), toy_dataloader(n=256))
+
+    assert sample(logger, "rl_guard_threshold", threshold="kl_threshold") == 0.3
+    assert sample(logger, "rl_guard_threshold", threshold="loss_increase_multiplier") == 2.0
+    _, path, body = [r for r in gateway.requests if r[0] == "PUT"][-1]
+    assert group(path)["run_id"] == "logger-run"
+    assert b'rl_guard_threshold{threshold="kl_threshold"} 0.3' in body

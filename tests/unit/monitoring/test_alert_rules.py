@@ -105,3 +105,25 @@ def test_recording_rules_follow_the_level_metric_operation_naming() -> None:
     for name, expr in load_recording_rules().items():
         assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name), name
         assert metric_names(expr), expr
+
+
+def test_kl_alert_compares_each_run_with_its_own_guard_threshold() -> None:
+    expr = _alerts()["RLKLDivergenceHigh"]["expr"]
+    assert expr.startswith("rl_kl_divergence > on(run_id, rank)")
+    assert 'rl_guard_threshold{threshold="kl_threshold"}' in expr
+    assert not re.search(r">\s*[0-9.]+\s*$", expr)  # no constant threshold
+    content = yaml.safe_load((MONITORING_DIR / "alerts_test.yml").read_text())
+    fired_runs = {
+        alert["exp_labels"]["run_id"]
+        for test in content["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case["alertname"] == "RLKLDivergenceHigh"
+        for alert in case["exp_alerts"]
+    }
+    tested_runs = {
+        re.search(r'run_id="(\w+)"', series["series"]).group(1)  # type: ignore[union-attr]
+        for test in content["tests"]
+        for series in test["input_series"]
+        if series["series"].startswith("rl_kl_divergence")
+    }
+    assert "spiking" in fired_runs and "healthy" in tested_runs - fired_runs

@@ -61,3 +61,25 @@ def test_an_invalid_measurement_is_logged_not_raised(
 ) -> None:
     observer.on_checkpoint_saved(500, 1024, -1.0, 0.1)  # a clock bug must not break a save
     assert "could not record the checkpoint save of step 500" in caplog.text
+
+
+def test_guard_start_publishes_the_configured_thresholds_and_skips_unknown_names(
+    observer: PrometheusCheckpointObserver, registry: CollectorRegistry
+) -> None:
+    def threshold(name: str) -> float | None:
+        return registry.get_sample_value("rl_guard_threshold", {"threshold": name})
+
+    assert threshold("kl_threshold") is None  # no series before a guard starts: no fake 0
+    observer.on_guard_start(
+        "guard-run-7",
+        {
+            "kl_threshold": 0.3,
+            "loss_increase_multiplier": 2.0,
+            "reward_drop_threshold": 0.25,
+            "grad_norm_threshold": 10.0,
+        },
+    )
+    assert threshold("kl_threshold") == 0.3
+    assert threshold("loss_increase_multiplier") == 2.0
+    assert threshold("reward_drop_threshold") == 0.25
+    assert threshold("grad_norm_threshold") is None

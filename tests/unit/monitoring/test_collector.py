@@ -257,3 +257,24 @@ def test_rl_gauges_are_nan_until_the_first_update(
 ) -> None:
     assert math.isnan(value(registry, "rl_reward") or 0.0)
     assert math.isnan(value(registry, "rl_last_update_timestamp_seconds") or 0.0)
+
+
+def test_the_guides_repair_name_code_block_counts_as_code_fence(
+    collector: OperationsMetricsCollector, registry: CollectorRegistry
+) -> None:
+    with collector.track_llm_brief("creative") as tracker:
+        tracker.mark_repaired("code_block")  # the operations guide's literal call
+    collector.record_llm_brief("fast", True, 0.5, repaired=True, repair_type="code_block")
+
+    assert tracker.repair_type == "code_fence"
+    repairs = "llm_brief_repairs_total"
+    for mode in ("creative", "fast"):
+        assert value(registry, repairs, mode=mode, repair_type="code_fence") == 1
+        assert value(registry, repairs, mode=mode, repair_type="code_block") is None
+
+
+def test_an_unknown_repair_name_is_refused_with_the_values_and_aliases(
+    collector: OperationsMetricsCollector,
+) -> None:
+    with pytest.raises(ValueError, match=r"code_fence.*code_block"):
+        collector.record_llm_brief("fast", True, 0.5, repaired=True, repair_type="codeblock")

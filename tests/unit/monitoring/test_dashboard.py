@@ -79,7 +79,7 @@ def test_dashboard_has_the_guides_panels_with_their_thresholds(dashboard: dict) 
 
     assert steps("Reward") == [{"color": "red", "value": None}, {"color": "green", "value": 20.0}]
     assert steps("Clip fraction")[1] == {"color": "red", "value": 0.3}
-    assert steps("KL divergence")[1] == {"color": "red", "value": 0.03}
+    assert len(steps("KL divergence")) == 1  # no constant line: the run's guard threshold
     assert steps("API p95 latency")[1] == {"color": "red", "value": 2.5}
     per_mode = {
         o["matcher"]["options"]: o["properties"][0]["value"]["steps"][1]["value"]
@@ -122,3 +122,10 @@ def test_every_catalogued_metric_is_shown(dashboard: dict) -> None:
 )
 def test_metric_names_extracts_selectors_only(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
+
+
+def test_kl_panel_draws_each_runs_guard_threshold_instead_of_a_constant(dashboard: dict) -> None:
+    panel = next(p for p in dashboard["panels"] if p["title"] == "KL divergence")
+    exprs = [target["expr"] for target in panel["targets"]]
+    assert exprs == ["rl_kl_divergence", 'rl_guard_threshold{threshold="kl_threshold"}']
+    assert [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]] == [None]
