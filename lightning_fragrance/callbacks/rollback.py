@@ -291,7 +291,11 @@ class RollbackCheckpoint(Checkpoint):
         if stage != "fit" or _fast_dev_run(trainer) or self.dirpath is None:
             return
         if trainer.is_global_zero:  # fail now, not at the first save
-            CheckpointStore(self.dirpath, self.max_checkpoints, fs=self._fs).check_writable(_NAME)
+            self._check_writable(self.dirpath)
+
+    def _check_writable(self, dirpath: str) -> None:
+        probe = CheckpointStore(dirpath, self.max_checkpoints, fs=self._fs, read_only=True)
+        probe.check_writable(_NAME)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -302,11 +306,12 @@ class RollbackCheckpoint(Checkpoint):
         run_id = str(loaded.get("guard", {}).get("run_id", "")) or uuid.uuid4().hex[:12]
         run_id = trainer.strategy.broadcast(run_id, src=0)
         dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer), src=0)
+        if trainer.is_global_zero:
+            self._check_writable(dirpath)
         store = CheckpointStore(
             dirpath, self.max_checkpoints, fs=self._fs, read_only=not trainer.is_global_zero
         )
         if trainer.is_global_zero:
-            store.check_writable(_NAME)
             try:
                 store.claim(run_id, resume=trainer.ckpt_path is not None, overwrite=self.overwrite)
             except CheckpointDirectoryError as err:
@@ -329,10 +334,6 @@ class RollbackCheckpoint(Checkpoint):
             self.engine.load_state_dict(loaded)
             self._reconcile(trainer.global_step)
         self.engine.guard.run_id = run_id
-        for observer in self.observers.observers:
-            start = getattr(observer, "on_guard_start", None)
-            if start is not None and trainer.is_global_zero:
-                start(run_id, self._thresholds())
 
     def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
         if self.dirpath is not None:
@@ -370,14 +371,6 @@ class RollbackCheckpoint(Checkpoint):
             if stored.step > step and stored.is_rollback_target and self.engine.is_writer:
                 note = f"not in this lineage: the run resumed from step {step}"
                 self.engine.store.set_status(stored.step, "rejected", note=note)
-
-    def _thresholds(self) -> dict[str, float]:
-        c = self.conditions
-        return {
-            "kl_threshold": c.kl_threshold,
-            "loss_increase_multiplier": c.loss_increase_multiplier,
-            "reward_drop_threshold": c.reward_drop_threshold,
-        }
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

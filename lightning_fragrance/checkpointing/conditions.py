@@ -70,6 +70,14 @@ class RollbackConditions:
     max_rollbacks: int | None = 3
     rollback_budget_window: int = 1000
 
+    def thresholds(self) -> dict[str, float]:
+        """The three thresholds of the guide, by name (published to metrics per run)."""
+        return {
+            "kl_threshold": self.kl_threshold,
+            "loss_increase_multiplier": self.loss_increase_multiplier,
+            "reward_drop_threshold": self.reward_drop_threshold,
+        }
+
     def __post_init__(self) -> None:
         problems: list[str] = []
         if not self.kl_threshold > 0:

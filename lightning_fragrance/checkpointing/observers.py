@@ -8,7 +8,7 @@ be thread-safe (prometheus_client metrics are).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 log = logging.getLogger("lightning_fragrance.checkpointing")
@@ -39,7 +39,16 @@ class CheckpointObserver(Protocol):
 
 
 class NullObserver:
-    """No-op base class: override the methods you need."""
+    """No-op base class: override the methods you need.
+
+    Besides the protocol's methods, an observer may define ``on_guard_start(run_id,
+    thresholds)``: called once when a guarded run starts, with the configured thresholds
+    (``kl_threshold``, ``loss_increase_multiplier``, ``reward_drop_threshold``), so metrics and
+    alerts can compare against what this run uses.
+    """
+
+    def on_guard_start(self, run_id: str, thresholds: Mapping[str, float]) -> None:
+        """Ignored."""
 
     def on_checkpoint_saved(
         self, step: int, nbytes: int, blocking_seconds: float, write_seconds: float
@@ -75,8 +84,8 @@ class LoggingObserver(NullObserver):
 
     def on_checkpoint_error(self, step: int, error: BaseException) -> None:
         self._log.error(
-            "Checkpoint of step=%d failed: %s: %s. Training continues; older checkpoints are "
-            "intact and remain the rollback targets.",
+            "Checkpoint of step=%d failed: %s: %s. Training continues without it; rollbacks "
+            "use the checkpoints already committed, if any (lf-checkpoints list shows them).",
             step,
             type(error).__name__,
             error,
@@ -99,6 +108,9 @@ class ObserverGroup(NullObserver):
                 fn(*args)
             except Exception:  # an observer bug must not take the run down
                 log.exception("Checkpoint observer %r failed in %s", observer, method)
+
+    def on_guard_start(self, run_id: str, thresholds: Mapping[str, float]) -> None:
+        self._each("on_guard_start", run_id, dict(thresholds))
 
     def on_checkpoint_saved(
         self, step: int, nbytes: int, blocking_seconds: float, write_seconds: float

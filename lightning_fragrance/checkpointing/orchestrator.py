@@ -142,6 +142,8 @@ class RollbackOrchestrator:
         self._staging = StagingPool()
         self._pending_trigger: Trigger | None = None
         self._warned_no_target = False
+        if is_writer:  # metrics and alerts compare against this run's own thresholds
+            observers.on_guard_start(run_id, conditions.thresholds())
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, step: int, provider: StateProvider) -> CheckpointRecord | None:
