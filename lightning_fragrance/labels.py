@@ -74,3 +74,5 @@ class ModelRole(str, Enum):
 
     CURRENT = "current"
     DRAINING = "draining"
+    # Serving, but not the version CURRENT names: that one failed at startup (issue 10).
+    FALLBACK = "fallback"

@@ -30,13 +30,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-import watchfiles
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lightning_fragrance.fragrance import (
     Brief,
@@ -54,14 +54,13 @@ from lightning_fragrance.serving.brief import (
     LLMBriefGenerator,
     RuleBasedBriefGenerator,
 )
+from lightning_fragrance.serving.current_sync import CurrentSync
 from lightning_fragrance.serving.hot_reload import (
     DrainTimeoutExceeded,
     HotReloadManager,
     NoModelLoaded,
     NoPreviousVersion,
     ReloadInProgress,
-    ReloadRecord,
-    ReloadResult,
 )
 from lightning_fragrance.serving.loading import (
     ExportNotFoundError,
@@ -82,6 +81,8 @@ WARMUP_TEXTS = (
     "warm amber and vanilla for winter evenings",
     "a green floral for spring",
 )
+
+B = TypeVar("B", bound=BaseModel)
 
 ASGIApp = Callable[
     [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
@@ -170,6 +171,7 @@ def build_manager(
         revert_error_rate=settings.revert_error_rate,
         revert_min_requests=settings.revert_min_requests,
         observer=CollectorReloadObserver(collector),
+        load_timeout=settings.load_timeout_s,
     )
 
 
@@ -183,12 +185,9 @@ class ServingState:
     manager: HotReloadManager[LoadedModel]
     brief: BriefGenerator
     observer: CollectorReloadObserver
+    sync: CurrentSync
     shutting_down: bool = False
     inflight: int = 0
-    # Set while an admin reload/rollback runs and until it has rewritten CURRENT, so the
-    # watcher does not "correct" this process back to the old CURRENT in between.
-    admin_busy: threading.Event = field(default_factory=threading.Event)
-    failed_target: str | None = None
     # Work that `placement` keeps off the event loop (slow briefs, large policies) runs here,
     # not in asyncio's default pool (shared with every other to_thread call): a pool of its
     # own, sized by `work_threads`, bounds the threads that contend for the GIL.
@@ -350,69 +349,6 @@ def require_admin(request: Request) -> None:
         )
 
 
-# --------------------------------------------------------------------------- CURRENT sync
-
-
-def _after_admin_operation(state: ServingState, record: ReloadRecord) -> None:
-    """Wait for an admin reload/rollback, then point CURRENT at what this process serves."""
-    try:
-        record.done.wait()
-        if record.result in (ReloadResult.SUCCESS, ReloadResult.ROLLED_BACK) and record.to_version:
-            state.store.set_current(record.to_version)
-            log.info("CURRENT -> %s", record.to_version)
-    finally:
-        state.admin_busy.clear()
-
-
-def reconcile(state: ServingState) -> ReloadRecord | None:
-    """Start a reload when CURRENT names another version than the one serving here."""
-    if state.admin_busy.is_set() or state.manager.reloading or state.shutting_down:
-        return None
-    if state.settings.auto_promote_exports:
-        newest = state.store.newest()
-        current = state.store.current()
-        if newest is not None and (current is None or newest > current):
-            log.info("auto-promoting new export %s", newest)
-            state.store.set_current(newest)
-    desired = state.store.current()
-    if desired is None or desired == state.manager.current_version:
-        state.failed_target = None
-        return None
-    if desired == state.failed_target:
-        return None  # already failed here; wait for CURRENT to change again
-    try:
-        record = state.manager.start_reload(desired)
-    except (ReloadInProgress, NoModelLoaded):
-        return None
-    log.info("CURRENT names %s: reloading (reload %s)", desired, record.reload_id)
-
-    def remember_failure() -> None:
-        record.done.wait()
-        if record.result not in (ReloadResult.SUCCESS, ReloadResult.ROLLED_BACK):
-            state.failed_target = desired
-
-    threading.Thread(target=remember_failure, daemon=True).start()
-    return record
-
-
-async def watch_current(state: ServingState, stop: asyncio.Event) -> None:
-    """Reconcile on every change in the export directory, and every reconcile interval."""
-    timeout_ms = int(state.settings.reconcile_interval_s * 1000)
-    async for _changes in watchfiles.awatch(
-        state.store.root,
-        stop_event=stop,
-        debounce=50,
-        step=20,
-        rust_timeout=timeout_ms,
-        yield_on_timeout=True,
-        recursive=False,
-    ):
-        try:
-            reconcile(state)
-        except Exception:  # the watcher must survive a bad CURRENT or a full disk
-            log.exception("reconciling with CURRENT failed")
-
-
 # --------------------------------------------------------------------------- app factory
 
 
@@ -449,21 +385,26 @@ def create_app(
         manager=manager,
         brief=brief_generator,
         observer=manager.observer,
+        sync=CurrentSync(
+            store,
+            manager,
+            auto_promote=settings.auto_promote_exports,
+            stopping=lambda: state.shutting_down,
+        ),
         executor=ThreadPoolExecutor(settings.work_threads, "lf-serve-work"),
         placement=WorkPlacement(limit_s=settings.inline_work_ms / 1000),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        version = store.current() or store.newest()
-        info = await asyncio.to_thread(manager.initialize_first_worker, version)
-        if store.current() is None:
-            store.set_current(info.version)
+        info = await asyncio.to_thread(state.sync.start)
         log.info("serving %s on %s", info.version, settings.export_dir)
         _install_sigterm(state)
         stop = asyncio.Event()
         watcher = (
-            asyncio.create_task(watch_current(state, stop)) if settings.watch_current else None
+            asyncio.create_task(state.sync.watch(stop, settings.reconcile_interval_s))
+            if settings.watch_current
+            else None
         )
         try:
             yield
@@ -480,6 +421,7 @@ def create_app(
     app = FastAPI(title="lightning_fragrance serving", lifespan=lifespan)
     app.state.serving = state
     app.add_middleware(RequestGuardMiddleware, state_getter=lambda: state)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     _add_routes(app)
     return app
 
@@ -505,116 +447,207 @@ def _install_sigterm(state: ServingState) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _add_routes(app: FastAPI) -> None:
-    @app.post("/dna/create", responses={200: {"model": DnaResponse}})
-    async def create_dna(body: DnaRequest, request: Request) -> Response:
-        state = _state(request)
-        limit = state.settings.max_user_text_chars
-        if len(body.user_text) > limit:
-            raise HTTPException(
-                status_code=422,
-                detail=f"user_text has {len(body.user_text)} characters; the limit is {limit}",
-            )
-        if state.inflight >= state.settings.max_inflight:
-            raise HTTPException(
-                status_code=429,
-                detail=f"{state.inflight} requests in flight (max_inflight="
-                f"{state.settings.max_inflight}); retry shortly",
-                headers={"Retry-After": "1"},
-            )
-        state.inflight += 1
-        try:
-            return await _create_dna(state, body)
-        finally:
-            state.inflight -= 1
+# --------------------------------------------------------------------------- request bodies
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "alive"}
 
-    @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
-        state = _state(request)
-        version = state.manager.current_version
-        if state.shutting_down or version is None:
-            reason = "shutting down" if state.shutting_down else "no model loaded"
-            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
-        return JSONResponse(
-            {
-                "ready": True,
-                "version": version,
-                "reloading": state.manager.reloading,
-                "pid": os.getpid(),  # tells uvicorn workers behind one port apart
-            }
+async def parse_body(request: Request, model: type[B], *, optional: bool = False) -> B | None:
+    """Parse and validate the JSON body with pydantic's own parser; any defect is a 422.
+
+    pydantic-core parses the bytes in one pass and refuses what is not valid JSON text (invalid
+    UTF-8, lone surrogates such as ``"\\ud800"``, nesting past its recursion limit) as
+    ``json_invalid``. FastAPI's path (``json.loads`` then validation) answered 400 for some of
+    these and 500 for others, when its 422 handler could not encode the echoed input (issue 10).
+
+    Raises:
+        HTTPException: 422 naming each defect's location and message, never echoing input.
+    """
+    raw = await request.body()
+    if optional and raw.strip() in (b"", b"null"):
+        return None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise HTTPException(422, detail=_describe_errors(exc.errors())) from None
+
+
+def _describe_errors(errors: Any) -> list[dict[str, Any]]:
+    # Location and message only: the input (which may be huge, NaN, or not encodable) and
+    # pydantic's context objects are not echoed back.
+    return [
+        {
+            "type": str(error.get("type", "invalid")),
+            "loc": [str(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", "invalid value")),
+        }
+        for error in errors
+    ]
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 for any validation error FastAPI raises itself (query or path parameters)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    return JSONResponse({"detail": _describe_errors(errors)}, status_code=422)
+
+
+def _body_schema(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
+    # The handlers read the body themselves; this keeps it in the OpenAPI document.
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+# --------------------------------------------------------------------------- routes
+
+
+async def create_dna(request: Request) -> Response:
+    """``POST /dna/create``: brief → policy → formula, with ``X-Model-Version``."""
+    state = _state(request)
+    body = await parse_body(request, DnaRequest)
+    assert body is not None
+    limit = state.settings.max_user_text_chars
+    if len(body.user_text) > limit:
+        raise HTTPException(
+            status_code=422,
+            detail=f"user_text has {len(body.user_text)} characters; the limit is {limit} "
+            "(max_user_text_chars); send a shorter text",
         )
+    if state.inflight >= state.settings.max_inflight:
+        raise HTTPException(
+            status_code=429,
+            detail=f"{state.inflight} requests in flight (max_inflight="
+            f"{state.settings.max_inflight}); retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    state.inflight += 1
+    try:
+        return await _create_dna(state, body)
+    finally:
+        state.inflight -= 1
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        state = _state(request)
-        return Response(state.collector.exposition(), media_type=state.collector.content_type)
 
-    admin = [Depends(require_admin)]
+async def health() -> dict[str, str]:
+    """``GET /health``: liveness, 200 while the process runs."""
+    return {"status": "alive"}
 
-    @app.post("/admin/model/reload", status_code=202, dependencies=admin)
-    async def reload_model(request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
-        state = _state(request)
-        version = _resolve_version(state, body.version if body else None)
-        if state.admin_busy.is_set():
-            raise HTTPException(409, detail="a reload or rollback is already running")
-        state.admin_busy.set()
-        try:
-            record = state.manager.start_reload(version)
-        except ReloadInProgress as exc:
-            state.admin_busy.clear()
-            raise HTTPException(409, detail=str(exc)) from exc
-        threading.Thread(target=_after_admin_operation, args=(state, record), daemon=True).start()
-        return {
-            "reload_id": record.reload_id,
+
+async def ready(request: Request) -> JSONResponse:
+    """``GET /ready``: 200 while a model serves (degraded included), 503 after SIGTERM."""
+    state = _state(request)
+    version = state.manager.current_version
+    if state.shutting_down or version is None:
+        reason = "shutting down" if state.shutting_down else "no model loaded"
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+    fallback = state.sync.fallback
+    return JSONResponse(
+        {
+            "ready": True,
             "version": version,
-            "status_url": f"/admin/model/reload/{record.reload_id}",
-        }
-
-    @app.post("/admin/model/rollback", status_code=202, dependencies=admin)
-    async def rollback_model(request: Request) -> dict[str, Any]:
-        state = _state(request)
-        if state.admin_busy.is_set():
-            raise HTTPException(409, detail="a reload or rollback is already running")
-        state.admin_busy.set()
-        try:
-            record = state.manager.start_rollback()
-        except ReloadInProgress as exc:
-            state.admin_busy.clear()
-            raise HTTPException(409, detail=str(exc)) from exc
-        except NoPreviousVersion as exc:
-            state.admin_busy.clear()
-            raise HTTPException(409, detail=f"{exc}; reload a named version instead") from exc
-        threading.Thread(target=_after_admin_operation, args=(state, record), daemon=True).start()
-        return {
-            "reload_id": record.reload_id,
-            "version": record.requested_version,
-            "status_url": f"/admin/model/reload/{record.reload_id}",
-        }
-
-    @app.get("/admin/model/reload/{reload_id}", dependencies=admin)
-    async def reload_status(reload_id: str, request: Request) -> dict[str, Any]:
-        record = _state(request).manager.get_reload(reload_id)
-        if record is None:
-            raise HTTPException(404, detail=f"no reload {reload_id!r} in this process")
-        return record.as_dict()
-
-    @app.get("/admin/model", dependencies=admin)
-    async def model_info(request: Request) -> dict[str, Any]:
-        state = _state(request)
-        standby = state.manager.get_standby_info()
-        return {
-            "current": state.manager.get_current_worker_info().as_dict(),
-            "standby": standby.as_dict() if standby else None,
             "reloading": state.manager.reloading,
-            "current_pointer": state.store.current(),
-            "versions": state.store.complete_versions(),
-            "drain_timeouts": dict(state.observer.drain_timeouts),
-            "work_placement": state.placement.as_dict(),
+            "degraded": fallback.as_dict() if fallback else None,
+            "pid": os.getpid(),  # tells uvicorn workers behind one port apart
         }
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus exposition."""
+    state = _state(request)
+    return Response(state.collector.exposition(), media_type=state.collector.content_type)
+
+
+async def reload_model(request: Request) -> dict[str, Any]:
+    """``POST /admin/model/reload``: 202 + reload id; CURRENT follows once it serves."""
+    state = _state(request)
+    body = await parse_body(request, ReloadRequest, optional=True)
+    version = _resolve_version(state, body.version if body else None)
+    try:
+        record = state.sync.reload(version)
+    except ReloadInProgress as exc:
+        raise HTTPException(409, detail=str(exc)) from exc
+    return {
+        "reload_id": record.reload_id,
+        "version": version,
+        "status_url": f"/admin/model/reload/{record.reload_id}",
+    }
+
+
+async def rollback_model(request: Request) -> dict[str, Any]:
+    """``POST /admin/model/rollback``: back to the previous version."""
+    state = _state(request)
+    try:
+        record = state.sync.rollback()
+    except ReloadInProgress as exc:
+        raise HTTPException(409, detail=str(exc)) from exc
+    except NoPreviousVersion as exc:
+        raise HTTPException(409, detail=f"{exc}; reload a named version instead") from exc
+    return {
+        "reload_id": record.reload_id,
+        "version": record.requested_version,
+        "status_url": f"/admin/model/reload/{record.reload_id}",
+    }
+
+
+async def reload_status(reload_id: str, request: Request) -> dict[str, Any]:
+    """``GET /admin/model/reload/{reload_id}``: phase, result, error and timings."""
+    record = _state(request).manager.get_reload(reload_id)
+    if record is None:
+        raise HTTPException(404, detail=f"no reload {reload_id!r} in this process")
+    return record.as_dict()
+
+
+async def model_info(request: Request) -> dict[str, Any]:
+    """``GET /admin/model``: workers, CURRENT, versions, fallback, drain and load counters."""
+    state = _state(request)
+    standby = state.manager.get_standby_info()
+    fallback = state.sync.fallback
+    return {
+        "current": state.manager.get_current_worker_info().as_dict(),
+        "standby": standby.as_dict() if standby else None,
+        "reloading": state.manager.reloading,
+        "current_pointer": state.store.current(),
+        "degraded": fallback.as_dict() if fallback else None,
+        "versions": state.store.complete_versions(),
+        "drain_timeouts": dict(state.observer.drain_timeouts),
+        "abandoned_loads": state.manager.abandoned_loads_total,
+        "abandoned_loaders_running": state.manager.abandoned_loaders_running,
+        "work_placement": state.placement.as_dict(),
+    }
+
+
+def _add_routes(app: FastAPI) -> None:
+    admin = [Depends(require_admin)]
+    app.add_api_route(
+        "/dna/create",
+        create_dna,
+        methods=["POST"],
+        responses={200: {"model": DnaResponse}},
+        openapi_extra=_body_schema(DnaRequest, required=True),
+    )
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route(
+        "/admin/model/reload",
+        reload_model,
+        methods=["POST"],
+        status_code=202,
+        dependencies=admin,
+        openapi_extra=_body_schema(ReloadRequest, required=False),
+    )
+    app.add_api_route(
+        "/admin/model/rollback",
+        rollback_model,
+        methods=["POST"],
+        status_code=202,
+        dependencies=admin,
+    )
+    app.add_api_route(
+        "/admin/model/reload/{reload_id}", reload_status, methods=["GET"], dependencies=admin
+    )
+    app.add_api_route("/admin/model", model_info, methods=["GET"], dependencies=admin)
 
 
 def _resolve_version(state: ServingState, requested: str | None) -> str:
@@ -625,9 +658,10 @@ def _resolve_version(state: ServingState, requested: str | None) -> str:
         return newest
     try:
         validate_version_name(requested)
+        directory = state.store.path_for(requested)  # refuses a symlinked version too
     except InvalidVersionNameError as exc:
         raise HTTPException(400, detail=str(exc)) from exc
-    if not state.store.path_for(requested).is_dir():
+    if not directory.is_dir():
         raise HTTPException(
             404, detail=f"export {requested!r} not found; available: {state.store.versions()}"
         )

@@ -32,6 +32,10 @@ class ServeSettings(BaseModel):
         admin_token: bearer token of the admin routes; ``LF_ADMIN_TOKEN`` overrides it. With no
             token the admin routes answer 403.
         warmup_steps: warm-up calls before a new model takes traffic.
+        load_timeout_s: seconds the policy line's loader may take; past it the reload fails
+            as ``load_failed`` and the next may start (the loader thread, which cannot be
+            stopped, is abandoned and counted). The policy loads in well under a second; the
+            deadline bounds an export that never ends (a FIFO, a hung network mount).
         drain_timeout_s: seconds the old worker gets to finish its requests.
         drain_timeout_action: ``leave_running`` or ``reject`` (503 + Retry-After).
         keep_previous_s: keep the previous model warm this long for an instant rollback.
@@ -70,6 +74,7 @@ class ServeSettings(BaseModel):
     workers: int = Field(default=1, ge=1)
     admin_token: str | None = None
     warmup_steps: int = Field(default=5, ge=0)
+    load_timeout_s: float = Field(default=60.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     drain_timeout_action: DrainTimeoutAction = DrainTimeoutAction.REJECT
     keep_previous_s: float = Field(default=0.0, ge=0)

@@ -496,3 +496,109 @@ def test_a_chunked_body_over_the_limit_gets_422(client: TestClient) -> None:
     )
     assert response.status_code == 422
     assert "max_body_bytes" in response.json()["detail"]
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+JSON = {"content-type": "application/json"}
+MALFORMED_BODIES = {
+    "lone surrogate in a value": b'{"user_text": "\\ud800", "mode": "fast"}',
+    "lone surrogate in an enum value": b'{"user_text": "citrus", "mode": "\\udfff"}',
+    "lone surrogate as a key": b'{"user_text": "citrus", "\\ud800": 1}',
+    "invalid UTF-8": b'{"user_text": "\xff\xfe"}',
+    "NaN literal": b'{"user_text": NaN}',
+    "nesting past the parser's limit": b"[" * 5000 + b"]" * 5000,
+    "cut-off JSON": b'{"user_text": ',
+    "empty body": b"",
+    "an array": b"[1, 2]",
+    "a wrong type": b'{"user_text": 5}',
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_BODIES.values(), ids=MALFORMED_BODIES.keys())
+def test_every_malformed_dna_body_gets_422_with_a_reason_never_500(
+    client: TestClient, body: bytes
+) -> None:
+    response = client.post("/dna/create", content=body, headers=JSON)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail and all("msg" in error and "loc" in error for error in detail)
+    assert all("input" not in error for error in detail)  # nothing of the body is echoed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"version": "\\ud800"}',
+        b'{"\\ud800": "x"}',
+        b'{"version": "\xff"}',
+        b'{"version": NaN}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"version": 5}',
+    ],
+    ids=["surrogate value", "surrogate key", "invalid UTF-8", "NaN", "deep nesting", "type"],
+)
+def test_every_malformed_admin_body_gets_422_never_500(client: TestClient, body: bytes) -> None:
+    response = client.post("/admin/model/reload", content=body, headers={**JSON, **AUTH})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]
+
+
+def test_a_symlinked_version_directory_is_skipped_and_refused_with_400(
+    export_dir: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(export_dir / V1, elsewhere / V1)
+    (export_dir / "000009-linked").symlink_to(elsewhere / V1)
+    test_client, _ = make_client(export_dir)
+    with test_client:
+        info = test_client.get("/admin/model", headers=AUTH)
+        assert info.status_code == 200 and info.json()["versions"] == [V1, V2]
+        named = test_client.post(
+            "/admin/model/reload", json={"version": "000009-linked"}, headers=AUTH
+        )
+        assert named.status_code == 400 and "symbolic link" in named.json()["detail"]
+        newest = test_client.post("/admin/model/reload", headers=AUTH)
+        assert newest.status_code == 202 and newest.json()["version"] == V2
+
+
+def test_auto_promotion_never_points_current_at_an_export_that_fails_a_reload(
+    export_dir: Path,
+) -> None:
+    _nan_statistics(export_dir / V2)  # loads and validates, acts NaN: the warm-up refuses it
+    test_client, collector = make_client(export_dir, auto_promote_exports=True)
+    failed = {"result": "warmup_failed"}
+    with test_client:
+        wait_for(lambda: collector.registry.get_sample_value("model_reload_total", failed) == 1)
+        assert read_current(export_dir) == V1
+        assert create(test_client).headers["X-Model-Version"] == V1
+
+
+def test_a_server_whose_current_names_a_bad_export_serves_the_newest_valid_one_degraded(
+    export_dir: Path, ppo_checkpoints: list[Path]
+) -> None:
+    bad = export(ppo_checkpoints[1], export_dir)
+    _nan_statistics(bad)
+    write_current(export_dir, bad.name)
+    test_client, _ = make_client(export_dir)
+    with test_client:
+        ready = test_client.get("/ready")
+        assert ready.status_code == 200 and ready.json()["version"] == V2
+        assert ready.json()["degraded"]["wanted"] == bad.name
+        info = test_client.get("/admin/model", headers=AUTH).json()
+        assert info["degraded"]["serving"] == V2 and info["current_pointer"] == bad.name
+        assert "WarmupError" in info["degraded"]["reason"]
+        assert create(test_client).headers["X-Model-Version"] == V2
+        text = test_client.get("/metrics").text
+        assert f'model_info{{role="fallback",version="{V2}"}} 1.0' in text
+        assert read_current(export_dir) == bad.name  # left for the operator to fix
+
+        wait_reload(test_client, client_reload(test_client, V1))
+        wait_for(lambda: read_current(export_dir) == V1)
+        assert test_client.get("/ready").json()["degraded"] is None
+
+
+def test_the_load_timeout_setting_reaches_the_policy_lines_manager(export_dir: Path) -> None:
+    test_client, _ = make_client(export_dir, load_timeout_s=7.5)
+    assert test_client.app.state.serving.manager.load_timeout == 7.5  # type: ignore[attr-defined]

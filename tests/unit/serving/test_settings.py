@@ -45,3 +45,9 @@ def test_config_dir_is_found_from_the_package_or_the_environment(
     monkeypatch.setenv("LF_CONFIG_DIR", str(tmp_path))
     (tmp_path / "serve.yaml").write_text("port: 1\n")
     assert find_config_dir("serve") == tmp_path.resolve()
+
+
+def test_the_load_deadline_has_a_documented_default_and_must_be_positive() -> None:
+    assert ServeSettings().load_timeout_s == 60.0
+    with pytest.raises(ValidationError, match="load_timeout_s"):
+        settings_from_config({"load_timeout_s": 0})
