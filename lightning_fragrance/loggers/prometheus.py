@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway
 from prometheus_client.exposition import start_http_server
 
+from lightning_fragrance.loggers.push_deadline import deadline_handler
 from lightning_fragrance.monitoring.checkpoint_observer import PrometheusCheckpointObserver
 from lightning_fragrance.monitoring.collector import OperationsMetricsCollector, in_value_range
 from lightning_fragrance.monitoring.metrics import CATALOGUE, DroppedValueReason, MetricGroup
@@ -109,8 +110,9 @@ class _BackgroundPusher:
     """One daemon thread that runs pushes in order; requests made while one runs coalesce.
 
     The training thread only sets a flag, so a gateway that hangs costs it nothing; the push
-    itself is bounded by the HTTP timeout (a hung socket blocks ``push_timeout`` seconds, the
-    client's default would be 30 s: research note §0).
+    itself is bounded by a total deadline of ``push_timeout`` seconds (``push_deadline``): a hung
+    or trickling gateway holds it that long at most (the client's default would be 30 s per
+    read: research note §0).
     """
 
     def __init__(self, push: Callable[[], None], name: str) -> None:
@@ -168,7 +170,9 @@ class PrometheusLogger(Logger):
         run_id: ``run_id`` grouping label (and the logger's ``version``); default: time + random.
         push_interval: Minimum seconds between two pushes while training. A push costs ~2 ms
             (research note §0) and Lightning logs every few steps, so pushes are throttled.
-        push_timeout: HTTP timeout of a push or delete, seconds.
+        push_timeout: Total deadline of a push or delete, seconds: connect, send and the whole
+            answer. A socket timeout alone lets a gateway trickling a byte a second hold a push
+            forever without an error; past the deadline the push counts as failed.
         algorithm: ``algorithm`` label of ``rl_update_total``.
         metric_map: Logged key -> target (``rl_reward``, ``rl_loss{type=policy}``... or ``drop``),
             merged over ``DEFAULT_METRIC_MAP`` unless ``use_default_map`` is False. A key logged
@@ -502,6 +506,7 @@ class PrometheusLogger(Logger):
                 registry=self.registry,
                 grouping_key=self.grouping_key,
                 timeout=self.push_timeout,
+                handler=deadline_handler(self.push_timeout),
             )
             self.pushes_done += 1
         except Exception as exc:
@@ -518,6 +523,7 @@ class PrometheusLogger(Logger):
                     job=self._job,
                     grouping_key=self.grouping_key,
                     timeout=self.push_timeout,
+                    handler=deadline_handler(self.push_timeout),
                 )
             except Exception as exc:
                 self._count_error("delete", exc)

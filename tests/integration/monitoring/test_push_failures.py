@@ -50,6 +50,49 @@ class SilentServer:
         self.sock.close()
 
 
+class TrickleServer:
+    """Reads a request, then answers one byte every 1.5 s (a gateway that is alive but stalled).
+
+    Each byte arrives well within a 2 s socket timeout, so only a total deadline ends the push.
+    """
+
+    ANSWER = b"HTTP/1.1 200 OK\r\nX-Stalled: " + b"a" * 200
+
+    def __init__(self, interval: float = 1.5) -> None:
+        self.interval = interval
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.bytes_sent = 0
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
+
+    def _trickle(self, connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)  # the request (headers and a small body)
+            for byte in self.ANSWER:
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:  # the client gave up and closed
+                    return
+                self.bytes_sent += 1
+                if self.closed.wait(self.interval):
+                    return
+
+    def close(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
 class StepClock(pl.Callback):
     """Records when each training step ended (monotonic clock)."""
 
@@ -114,3 +157,30 @@ def test_training_completes_when_the_gateway_is_down_and_errors_are_counted() ->
     assert logger.push_errors >= 2  # at least one push while training and the final one
     assert logger.pushes_done == 0
     assert logger.registry.get_sample_value("rl_global_step") == 19.0  # metrics still recorded
+
+
+@pytest.fixture
+def trickle_server() -> Iterator[TrickleServer]:
+    server = TrickleServer(interval=1.5)
+    yield server
+    server.close()
+
+
+def test_a_gateway_trickling_a_byte_every_1_5_s_counts_as_a_push_error_at_the_deadline(
+    trickle_server: TrickleServer,
+) -> None:
+    logger = PrometheusLogger(
+        pushgateway_url=f"127.0.0.1:{trickle_server.port}", push_interval=0.0, push_timeout=2.0
+    )
+    logger.log_metrics({"train/reward": 1.0}, step=0)  # requests a push
+    # Without a total deadline the push would last as long as the trickle (minutes): wait
+    # up to 10 s for it to be counted as failed.
+    give_up = time.monotonic() + 10.0
+    while logger.push_errors < 1 and time.monotonic() < give_up:
+        time.sleep(0.05)
+
+    assert logger.push_errors == 1  # counted, so PrometheusLoggerPushFailing can fire
+    assert logger.pushes_done == 0
+    assert trickle_server.bytes_sent >= 1  # the gateway was answering, just too slowly
+    logger.finalize("success")  # bounded too: its final push also meets the deadline
+    assert logger.push_errors == 2
