@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO
 
@@ -46,7 +47,7 @@ class HashingWriter:
             self._target.write(view)
         else:
             # The buffer may be reused by the caller once write() returns: wait for the hash.
-            hashing = self._pool.submit(self.sha256.update, view)
+            hashing = self._submit(self.sha256.update, view)
             for start in range(0, size, CHUNK_BYTES):
                 self._target.write(view[start : start + CHUNK_BYTES])
                 self._since_writeback += min(CHUNK_BYTES, size - start)
@@ -64,7 +65,19 @@ class HashingWriter:
             self._writeback.result()  # surface an I/O error of the previous writeback
         self._target.flush()  # hand the buffered bytes to the kernel first
         self._since_writeback = 0
-        self._writeback = self._pool.submit(os.fdatasync, self._fileno)
+        self._writeback = self._submit(os.fdatasync, self._fileno)
+
+    def _submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+        """Run ``fn`` on the helper pool, or inline once the interpreter is shutting down:
+        `concurrent.futures` refuses new work then, and a save flushed at exit (the guide's
+        loop never calls close()) must still complete."""
+        try:
+            return self._pool.submit(fn, *args)
+        except RuntimeError:
+            done: Future[None] = Future()
+            fn(*args)
+            done.set_result(None)
+            return done
 
     def flush(self) -> None:
         self._target.flush()
