@@ -47,7 +47,7 @@ def _number(value: float | None) -> str:
 
 def cmd_list(directory: str) -> int:
     store = _open(directory, read_only=True)
-    rows = [["step", "status", "pinned", "size", "created (UTC)", *METRIC_COLUMNS, "file"]]
+    rows = [["step", "status", "pinned", "size", "created (UTC)", *METRIC_COLUMNS, "file", "why"]]
     for record in store.records():
         created = dt.datetime.fromtimestamp(record.created_at, dt.timezone.utc)
         rows.append(
@@ -59,9 +59,11 @@ def cmd_list(directory: str) -> int:
                 created.strftime("%Y-%m-%d %H:%M:%S"),
                 *(_number(record.metrics.get(name)) for name in METRIC_COLUMNS),
                 record.file,
+                record.note if not record.is_rollback_target else "",
             ]
         )
-    print(f"{store.history_path}: {len(rows) - 1} checkpoint(s)")
+    run = store.run_id or "(none: written before run ids)"
+    print(f"{store.history_path}: {len(rows) - 1} checkpoint(s) of run {run}")
     if len(rows) > 1:
         print(_table(rows))
     events = store.events()
