@@ -44,3 +44,26 @@ def test_lf_export_of_a_missing_checkpoint_fails_with_a_message_and_writes_nothi
     assert done.returncode == 2
     assert "does not exist" in done.stderr
     assert not root.exists()
+
+
+def test_lf_export_of_a_bit_flipped_store_checkpoint_exits_2_and_writes_nothing(
+    tmp_path: Path, ppo_checkpoints: list[Path]
+) -> None:
+    import torch
+
+    from lightning_fragrance.checkpointing.store import CheckpointStore
+
+    checkpoints = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
+    payload = torch.load(ppo_checkpoints[1], map_location="cpu", weights_only=True)
+    record = checkpoints.commit(2, payload, {"reward": 1.0})
+    path = Path(checkpoints.path(record.file))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    root = tmp_path / "exports"
+
+    done = run_export(f"ckpt_path={path}", f"export_dir={root}", "make_current=true")
+
+    assert done.returncode == 2, done.stderr
+    assert "fails its integrity check" in done.stderr and "CORRUPT" in done.stderr
+    assert not root.exists() or not any(root.iterdir())

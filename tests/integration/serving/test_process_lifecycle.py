@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -127,3 +128,39 @@ def test_two_uvicorn_workers_converge_on_the_version_of_an_admin_reload(
         for _ in range(40)
     }
     assert versions == {second}
+
+
+def test_a_restart_whose_current_names_a_nan_export_serves_the_newest_valid_one_degraded(
+    tmp_path: Path,
+    ppo_checkpoints: list[Path],
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lightning_fragrance.serving.loading import (
+        MANIFEST_FILE,
+        WEIGHTS_FILE,
+        sha256_file,
+        write_current,
+    )
+
+    root = tmp_path / "exports"
+    good = export(ppo_checkpoints[0], root, make_current=True).name
+    bad = export(ppo_checkpoints[1], root)
+    weights = load_file(str(bad / WEIGHTS_FILE))
+    weights["obs_normalizer.var"] = -weights["obs_normalizer.var"] - 1.0  # finite, acts NaN
+    save_file(weights, str(bad / WEIGHTS_FILE))
+    manifest = json.loads((bad / MANIFEST_FILE).read_text())
+    for name, entry in manifest["files"].items():
+        entry["sha256"], entry["bytes"] = sha256_file(bad / name), (bad / name).stat().st_size
+    (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+    write_current(root, bad.name)  # what auto-promotion used to do with such an export
+
+    server = server_factory(root)  # used to exit 3 here
+
+    ready = httpx.get(f"{server.url}/ready").json()
+    assert ready["version"] == good and ready["degraded"]["wanted"] == bad.name
+    response = httpx.post(f"{server.url}/dna/create", json=BODY)
+    assert response.status_code == 200 and response.headers["X-Model-Version"] == good
+    assert read_current(root) == bad.name
+    assert "DEGRADED: CURRENT names " + bad.name in server.log()
