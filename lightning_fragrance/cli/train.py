@@ -82,7 +82,7 @@ class TrainingResult:
     @property
     def checkpoint_dir(self) -> str | None:
         """Where the guard wrote its checkpoints."""
-        return None if self.rollback is None else self.rollback.dirpath
+        return None if self.rollback is None else self.rollback.store.directory
 
     @property
     def history_json(self) -> str | None:

@@ -66,6 +66,7 @@ class PPOConfig:
     normalize_advantages: bool
     updates_per_epoch: int
     seed: int
+    log_on_epoch: bool = False
 
 
 class NonFiniteActionError(RuntimeError):
@@ -188,8 +189,12 @@ class PPO(pl.LightningModule):
         normalize_rewards: Scale rewards by the running std of the discounted return (buffer),
             so the value loss is O(1) whatever the reward scale.
         normalize_advantages: Standardise advantages per minibatch.
-        updates_per_epoch: Updates per Lightning epoch (only shapes the progress bar).
+        updates_per_epoch: Updates per Lightning epoch (the progress bar, and the span of an
+            epoch-level metric with ``log_on_epoch``).
         seed: Seeds the environments.
+        log_on_epoch: Log the training metrics once per epoch (``on_epoch=True``: the mean over
+            its updates) instead of once per update, as many RL examples do; the rollback
+            guard then judges them at each epoch's end.
     """
 
     def __init__(
@@ -216,6 +221,7 @@ class PPO(pl.LightningModule):
         normalize_advantages: bool = True,
         updates_per_epoch: int = 10,
         seed: int = 0,
+        log_on_epoch: bool = False,
     ) -> None:
         super().__init__()
         env_kwargs = _plain(env_kwargs or {})
@@ -250,6 +256,7 @@ class PPO(pl.LightningModule):
             normalize_advantages=bool(normalize_advantages),
             updates_per_epoch=int(updates_per_epoch),
             seed=int(seed),
+            log_on_epoch=bool(log_on_epoch),
         )
         # Explicit primitive hparams (lists, not tuples or OmegaConf containers) so a checkpoint
         # loads with torch.load(weights_only=True); the policy spec rides along for exports.
@@ -528,7 +535,11 @@ class PPO(pl.LightningModule):
         metrics["train/grad_norm"] = torch.stack(grad_norms).mean()
         metrics["train/episodes"] = torch.tensor(float(len(finished)))
         # sync_dist: under DDP every rank logs the mean over ranks (a no-op on one device).
-        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True)
+        on_epoch = self.config.log_on_epoch
+        # One update per batch: batch_size=1 makes an epoch value the mean over its updates.
+        self.log_dict(
+            metrics, on_step=not on_epoch, on_epoch=on_epoch, sync_dist=True, batch_size=1
+        )
         progress = {"train/kl": kl}
         # Mean return of the episodes that ended in this rollout, or of the last 100 when none
         # did (long episodes). Before the first episode ends there is no reward to report, and
@@ -536,7 +547,14 @@ class PPO(pl.LightningModule):
         if self._recent_returns:
             reward = float(np.mean(finished)) if finished else float(np.mean(self._recent_returns))
             progress["train/reward"] = torch.tensor(reward)
-        self.log_dict(progress, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
+        self.log_dict(
+            progress,
+            on_step=not on_epoch,
+            on_epoch=on_epoch,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=1,
+        )
 
     # ----------------------------------------------------------------------------------------
     # Inference helpers
