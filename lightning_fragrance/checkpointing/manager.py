@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lightning_fragrance.checkpointing.conditions import RollbackConditions
+from lightning_fragrance.checkpointing.errors import CheckpointError
 from lightning_fragrance.checkpointing.observers import (
     CheckpointObserver,
     LoggingObserver,
@@ -119,6 +120,9 @@ class CheckpointManager:
             rollback targets). Without it, another run's history there is refused.
         overwrite: Start a new history in a directory holding another run's (set aside).
         run_id: This run's identity in the history (default: random; kept on resume).
+        read_only: Open an existing history without writing anything (a read-only filesystem,
+            inspection, rolling back from it): list, load and rollback work, statuses and
+            events stay in memory, `save_checkpoint` raises `CheckpointError`.
     """
 
     def __init__(
@@ -135,17 +139,22 @@ class CheckpointManager:
         resume: bool = False,
         overwrite: bool = False,
         run_id: str | None = None,
+        read_only: bool = False,
     ) -> None:
         if save_interval < 1:
             raise ValueError(f"save_interval={save_interval} must be >= 1")
         self.save_interval = save_interval
         self.conditions = rollback_conditions or RollbackConditions()
         self.observers = ObserverGroup([LoggingObserver(), *(observers or ())])
-        self.store = CheckpointStore(str(checkpoint_dir), max_checkpoints, fs=fs)
-        if resume and run_id is None and self.store.run_id:
+        self.read_only = read_only
+        self.store = CheckpointStore(
+            str(checkpoint_dir), max_checkpoints, fs=fs, read_only=read_only
+        )
+        if (resume or read_only) and run_id is None and self.store.run_id:
             run_id = self.store.run_id
         run_id = run_id or uuid.uuid4().hex[:12]
-        self.store.claim(run_id, resume=resume, overwrite=overwrite)
+        if not read_only:
+            self.store.claim(run_id, resume=resume, overwrite=overwrite)
         self.engine = RollbackOrchestrator(
             self.store,
             self.conditions,
@@ -200,6 +209,11 @@ class CheckpointManager:
         Numeric ``extra`` values join the metrics; others are stored as they are (they must be
         weights_only-safe: numbers, strings, lists, dicts, tensors).
         """
+        if self.read_only:
+            raise CheckpointError(
+                f"CheckpointManager({self.store.directory!r}) was opened read_only=True: "
+                f"step {step} cannot be saved. Open it writable or save to another directory."
+            )
         provider = _Nets(policy_net, value_net, optimizer)
         bad = non_finite_parameter(provider.parameters())
         if bad is not None:

@@ -175,7 +175,10 @@ class RollbackOrchestrator:
         if self.writer is None:
             return
         for error in self.writer.take_errors():
-            self.on_write_error(error.step, error)
+            if error.is_commit:
+                self.on_write_error(error.step, error)
+            else:
+                self._on_history_error(error.step, error)
 
     def on_write_error(self, step: int, error: BaseException) -> None:
         """A save was not committed. Its in-memory snapshot stays a valid target."""
@@ -429,8 +432,22 @@ class RollbackOrchestrator:
     def _later(self, step: int, action: Callable[[], None]) -> None:
         if self.writer is not None:
             self.writer.run_later(step, action)
-        else:
+            return
+        try:
             action()
+        except Exception as err:  # the decision stands; only its record could not be written
+            self._on_history_error(step, err)
+
+    def _on_history_error(self, step: int, error: BaseException) -> None:
+        log.error(
+            "Could not record a status or event of step %d in %s: %s: %s. The decision stands "
+            "(kept in memory and in the callback state); the history file lags behind.",
+            step,
+            self.store.history_path,
+            type(error).__name__,
+            error,
+        )
+        self.observers.on_checkpoint_error(step, error)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

@@ -127,14 +127,16 @@ class CheckpointWriteError(CheckpointError):
     """A background write failed; raised nowhere, handed out by `take_errors`.
 
     Attributes:
-        step: The step whose checkpoint was not committed.
+        step: The step whose checkpoint (or history update) was not written.
+        is_commit: True when the checkpoint itself was not committed; False for a history
+            update (a status change, an event), whose checkpoint stays valid.
     """
 
-    def __init__(self, step: int, cause: BaseException) -> None:
-        super().__init__(
-            f"Writing the checkpoint of step {step} failed: {type(cause).__name__}: {cause}"
-        )
+    def __init__(self, step: int, cause: BaseException, is_commit: bool = True) -> None:
+        what = "the checkpoint" if is_commit else "a history update for the checkpoint"
+        super().__init__(f"Writing {what} of step {step} failed: {type(cause).__name__}: {cause}")
         self.step = step
+        self.is_commit = is_commit
         self.__cause__ = cause
 
 
@@ -258,7 +260,7 @@ class AsyncCheckpointWriter:
                     record = job.action()
                 except Exception as err:  # surfaced by take_errors at the next step
                     with self._errors_lock:
-                        self._errors.append(CheckpointWriteError(job.step, err))
+                        self._errors.append(CheckpointWriteError(job.step, err, job.staged))
                     continue
                 if job.staged and record is not None:
                     self.observers.on_checkpoint_saved(

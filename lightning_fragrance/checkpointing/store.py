@@ -91,7 +91,15 @@ class CheckpointStore:
         self._events: list[dict[str, Any]] = []
         self.run_id = ""
         if not read_only:
-            self.fs.makedirs(self.directory, exist_ok=True)
+            try:
+                self.fs.makedirs(self.directory, exist_ok=True)
+            except OSError as err:
+                raise CheckpointDirectoryError(
+                    f"Cannot create the checkpoint directory {self.directory} ({type(err).__name__}"
+                    f": {err}). To inspect, export or roll back from existing checkpoints, open it "
+                    "read-only: CheckpointStore(..., read_only=True), CheckpointManager(..., "
+                    "read_only=True), lf-checkpoints list|verify."
+                ) from err
             self._sweep_orphans()
         self.refresh()
 
@@ -159,7 +167,14 @@ class CheckpointStore:
             self.run_id = run_id
             for entry in self._entries:
                 entry.run_id = entry.run_id or run_id
-            self._write_history()
+            try:
+                self._write_history()
+            except OSError as err:
+                raise CheckpointDirectoryError(
+                    f"Cannot write {self.history_path} ({type(err).__name__}: {err}). To "
+                    "inspect, export or roll back from these checkpoints, open them read-only: "
+                    "CheckpointManager(..., read_only=True), lf-checkpoints list|verify."
+                ) from err
 
     def _foreign_run_message(self, run_id: str) -> str:
         steps = [e.step for e in self._entries]
@@ -264,6 +279,10 @@ class CheckpointStore:
         return self._set_pinned(step, False)
 
     def _set_pinned(self, step: int, pinned: bool) -> CheckpointRecord:
+        if self.read_only:
+            raise CheckpointError(
+                f"Store {self.directory} was opened read-only; cannot change the pin of step {step}"
+            )
         with self._lock:
             entry = self._find(step)
             entry.pinned = pinned
@@ -309,7 +328,10 @@ class CheckpointStore:
         at any point leaves the previous history and every file it names intact.
         """
         if self.read_only:
-            raise CheckpointError(f"Store {self.directory} is read-only; cannot commit step {step}")
+            raise CheckpointError(
+                f"Store {self.directory} was opened read-only; cannot commit step {step} (open it "
+                "writable, or save to another directory)."
+            )
         file = checkpoint_file_name(step)
         with self._lock:
             self._protect_add(step)
@@ -403,8 +425,16 @@ class CheckpointStore:
         for name in names:
             if str(name).endswith(TMP_SUFFIX):
                 log.info("Removing orphan temporary file %s left by an interrupted write", name)
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     self.fs.rm(name)
+                except FileNotFoundError:
+                    pass
+                except OSError as err:  # a read-only filesystem: it is never read anyway
+                    log.warning(
+                        "Cannot remove the orphan %s (%s); it is not a checkpoint and is ignored.",
+                        name,
+                        err,
+                    )
 
     # ------------------------------------------------------------------ retention
     @contextlib.contextmanager
@@ -493,18 +523,31 @@ class CheckpointStore:
         """
         with self.protect(record.step):
             try:
-                data = self._read_verified(record)
-                loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                return self._read_safely(record)
             except CheckpointCorruptError as err:
                 self._mark_corrupt(record.step, str(err))
                 raise
-            except Exception as err:
-                message = (
-                    f"{record.file} (step {record.step}) matches its sha256 but cannot be loaded "
-                    f"with torch.load(weights_only=True): {err}"
-                )
-                self._mark_corrupt(record.step, message)
-                raise CheckpointCorruptError(message) from err
+
+    def check(self, record: CheckpointRecord) -> str | None:
+        """What `load` would refuse in this file (sha256, then the safe load), or None when it
+        loads. Records nothing: for ``lf-checkpoints verify`` and other read-only callers."""
+        try:
+            self._read_safely(record)
+        except CheckpointCorruptError as err:
+            return str(err)
+        return None
+
+    def _read_safely(self, record: CheckpointRecord) -> dict[str, Any]:
+        data = self._read_verified(record)
+        try:
+            # weights_only: a file whose sha256 matches may still hold a pickle payload (the
+            # history can be written by anyone with write access); never unpickle objects.
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointCorruptError(
+                f"{record.file} (step {record.step}) matches its sha256 but cannot be loaded "
+                f"with torch.load(weights_only=True): {type(err).__name__}: {err}"[:600]
+            ) from err
         if not isinstance(loaded, dict):
             raise CheckpointCorruptError(f"{record.file} does not hold a checkpoint dict")
         return loaded

@@ -88,11 +88,17 @@ def cmd_verify(directory: str) -> int:
     store = _open(directory, read_only=True)
     bad = 0
     for record in store.records():
-        ok = store.verify(record)
-        bad += not ok
-        print(f"{'OK     ' if ok else 'CORRUPT'} step={record.step} {record.file}")
+        problem = store.check(record)
+        bad += problem is not None
+        if problem is None:
+            print(f"OK      step={record.step} {record.file}")
+        else:
+            print(f"CORRUPT step={record.step} {record.file}: {problem}")
     total = len(store.records())
-    print(f"{total - bad} of {total} checkpoint(s) match their sha256")
+    print(
+        f"{total - bad} of {total} checkpoint(s) match their sha256 and load safely "
+        "(torch.load weights_only=True, as the rollback loader does)"
+    )
     return 1 if bad else 0
 
 
@@ -130,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_pin(args.directory, args.step, pinned=args.command == "pin")
     except CheckpointError as err:
         print(f"lf-checkpoints: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. EROFS: pin/unpin on a read-only filesystem
+        print(
+            f"lf-checkpoints: error: cannot write to {args.directory} ({type(err).__name__}: "
+            f"{err}); list and verify only read and work on a read-only filesystem.",
+            file=sys.stderr,
+        )
         return 2
 
 
