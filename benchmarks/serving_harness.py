@@ -6,14 +6,8 @@ Not a benchmark itself (``run_all.py`` runs only ``bench_*.py``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from lightning_fragrance.examples.tiny_ppo import tiny_ppo_checkpoints
+from lightning_fragrance.serving.launcher import ServeProcess, free_port, start_lf_serve
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -36,68 +31,23 @@ def train_checkpoints(directory: Path, steps: int = 2, hidden: int = 64) -> list
     return tiny_ppo_checkpoints(directory, steps=steps, hidden=hidden)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["REPO", "TEXTS", "LoadResult", "Server", "free_port", "run_load", "start_ours"]
 
 
-@dataclass
-class Server:
-    """A server subprocess on loopback, stopped by its PID."""
+class Server(ServeProcess):
+    """A server subprocess in a process group of its own, stopped by signalling that group.
 
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
+    LitServe spawns worker processes; ``lf-serve`` with ``workers > 1`` does too.
+    """
 
-    def wait_ready(self, path: str, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + path, timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready:\n{self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM to the server's own process group (LitServe spawns worker processes)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        # Children that outlived the parent (multiprocessing workers) share its group.
-        with contextlib.suppress(ProcessLookupError):
-            time.sleep(0.5)
-            os.killpg(self.process.pid, signal.SIGKILL)
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        super().__init__(process, url, log, own_group=True)
 
 
-def start_ours(export_dir: Path, token: str = "bench-token", **overrides: object) -> Server:
-    """``lf-serve`` on a free port."""
-    port = free_port()
-    args = {"export_dir": str(export_dir), "port": port, "log_level": "WARNING", **overrides}
-    env = {**os.environ, "LF_ADMIN_TOKEN": token}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = Path(tempfile.mkstemp(prefix="lf-serve-", suffix=".log")[1])
-    with log.open("wb") as fh:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lightning_fragrance.cli.serve"]
-            + [f"{k}={v}" for k, v in args.items()],
-            cwd=REPO,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Server(process, f"http://127.0.0.1:{port}", log)
+def start_ours(export_dir: Path, token: str = "bench-token", **overrides: object) -> ServeProcess:
+    """``lf-serve`` on a free loopback port (the launcher the demo and the tests use)."""
+    settings: dict[str, object] = {"log_level": "WARNING", **overrides}
+    return start_lf_serve(export_dir, token=token, cwd=REPO, own_group=True, **settings)
 
 
 @dataclass

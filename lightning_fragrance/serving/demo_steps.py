@@ -10,11 +10,7 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from lightning_fragrance.serving.launcher import start_lf_serve
 from lightning_fragrance.serving.loading import export
 
 DEMO_TEXT = "a fresh citrus scent for summer, not too sweet"
@@ -57,32 +54,12 @@ class DemoResult:
     reload: dict[str, Any]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _create(url: str) -> DemoAnswer:
     response = httpx.post(
         f"{url}/dna/create", json={"user_text": DEMO_TEXT, "mode": "balanced"}, timeout=30
     )
     response.raise_for_status()
     return DemoAnswer(version=response.headers["X-Model-Version"], body=response.json())
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"lf-serve exited with {process.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"lf-serve not ready after {timeout:.0f} s")
 
 
 def run_serving_demo(
@@ -103,27 +80,13 @@ def run_serving_demo(
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lf-serving-demo-"))
     exports = base / "exports"
     first = export(old_checkpoint, exports, make_current=True)
-    port, token = _free_port(), secrets.token_urlsafe(16)
-    url = f"http://127.0.0.1:{port}"
+    token = secrets.token_urlsafe(16)
     log_path = base / "lf-serve.log"
-    env = {**os.environ, "LF_ADMIN_TOKEN": token}
+    server = start_lf_serve(exports, token=token, log_path=log_path, drain_timeout_s=10)
+    url = server.url
     print(f"[serving] exported {old_checkpoint} -> {first.name}; starting lf-serve on {url}")
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lightning_fragrance.cli.serve",
-                f"export_dir={exports}",
-                f"port={port}",
-                "drain_timeout_s=10",
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        _wait_ready(url, process, startup_timeout)
+        server.wait_ready(timeout=startup_timeout)
         before = _create(url)
         print(f"[serving] POST /dna/create {DEMO_TEXT!r}\n{before.summary()}")
         second = export(new_checkpoint, exports)
@@ -143,13 +106,7 @@ def run_serving_demo(
         after = _create(url)
         print(f"[serving] POST /dna/create again\n{after.summary()}")
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        server.stop()
     print(f"[serving] server stopped (log: {log_path})")
     return DemoResult(before=before, after=after, reload=record)
 
