@@ -607,7 +607,7 @@ async def model_info(request: Request) -> dict[str, Any]:
         "current": state.manager.get_current_worker_info().as_dict(),
         "standby": standby.as_dict() if standby else None,
         "reloading": state.manager.reloading,
-        "current_pointer": state.store.current(),
+        "current_pointer": state.sync.pointer.read(),
         "degraded": fallback.as_dict() if fallback else None,
         "versions": state.store.complete_versions(),
         "drain_timeouts": dict(state.observer.drain_timeouts),

@@ -7,18 +7,23 @@ nothing of HTTP: the first load (with a fallback when ``CURRENT`` cannot serve),
 ``CURRENT``, promoting new exports only after they passed a reload's checks, and remembering
 versions that failed here so they are not retried in a loop.
 
-One ``CurrentSync`` serves one model line (one ``HotReloadManager`` over one store); a second
-line (the LLM brief) gets its own.
+One ``CurrentSync`` serves one model line (one ``HotReloadManager`` over one store, with its
+own pointer, name and load deadline); a second line (the LLM brief) gets its own. The pointer
+is behind a two-method interface: ``LocalPointer`` is the export directory's ``CURRENT`` file
+(watched with file events), ``FsspecPointer`` any fsspec URL (polled: object stores send no
+events), for the object store to come.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import fsspec
 import watchfiles
 
 from lightning_fragrance.labels import ModelRole, ReloadResult
@@ -29,11 +34,90 @@ from lightning_fragrance.serving.hot_reload import (
     ReloadRecord,
     WorkerInfo,
 )
-from lightning_fragrance.serving.loading import ExportStore
+from lightning_fragrance.serving.loading import (
+    CURRENT_FILE,
+    ExportStore,
+    InvalidVersionNameError,
+    validate_version_name,
+)
 
 log = logging.getLogger(__name__)
 
 _SERVES = (ReloadResult.SUCCESS, ReloadResult.ROLLED_BACK)
+# A pointer holds one version name; anything longer is not one (and is not read whole).
+_MAX_POINTER_BYTES = 4096
+
+
+class Pointer(Protocol):
+    """Where a model line's ``CURRENT`` lives."""
+
+    @property
+    def location(self) -> str:
+        """A path or URL for messages."""
+
+    def read(self) -> str | None:
+        """The version it names, or ``None`` when there is no valid pointer."""
+
+    def write(self, version: str) -> None:
+        """Name ``version``, atomically for every reader."""
+
+
+class LocalPointer:
+    """``<export_dir>/CURRENT`` on a local or network filesystem (temp file, fsync, rename)."""
+
+    def __init__(self, store: ExportStore) -> None:
+        self.store = store
+
+    @property
+    def location(self) -> str:
+        """The file's path."""
+        return str(self.store.root / CURRENT_FILE)
+
+    def read(self) -> str | None:
+        """The version ``CURRENT`` names (a regular file of at most 4 KiB), or ``None``."""
+        return self.store.current()
+
+    def write(self, version: str) -> None:
+        """Point ``CURRENT`` at ``version``, which must exist in the store."""
+        self.store.set_current(version)
+
+
+class FsspecPointer:
+    """A ``CURRENT`` object behind any fsspec URL (``s3://bucket/exports/CURRENT``, ``memory://``).
+
+    Read by polling (``CurrentSync.poll``): object stores send no file events. An upload
+    replaces an object atomically, which is what the rename gives ``LocalPointer``.
+
+    Args:
+        url: the pointer's URL.
+        fs: a filesystem to use instead of the one fsspec infers (``url`` is then its path).
+    """
+
+    def __init__(self, url: str, *, fs: fsspec.AbstractFileSystem | None = None) -> None:
+        if fs is None:
+            fs, url = fsspec.core.url_to_fs(url)
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.path = url
+
+    @property
+    def location(self) -> str:
+        """The object's URL."""
+        return str(self.fs.unstrip_protocol(self.path))
+
+    def read(self) -> str | None:
+        """The version the object names, or ``None`` (missing, too large, not a name)."""
+        try:
+            info = self.fs.info(self.path)
+            if info.get("type") != "file" or int(info.get("size") or 0) > _MAX_POINTER_BYTES:
+                return None
+            raw = self.fs.cat_file(self.path, start=0, end=_MAX_POINTER_BYTES)
+            return validate_version_name(bytes(raw).decode("utf-8").strip())
+        except (OSError, ValueError, InvalidVersionNameError):
+            return None  # FileNotFoundError and UnicodeDecodeError included
+
+    def write(self, version: str) -> None:
+        """Upload ``version`` as the object's whole content."""
+        self.fs.pipe_file(self.path, (validate_version_name(version) + "\n").encode())
 
 
 @dataclass(frozen=True)
@@ -59,8 +143,10 @@ class CurrentSync:
     """Follow ``CURRENT`` for one model line; write it after admin operations.
 
     Args:
-        store: the line's export store.
+        store: the line's export store (versions are listed and loaded from it).
         manager: the line's reload manager (its loader takes a version name).
+        pointer: where the line's ``CURRENT`` lives (default: ``LocalPointer(store)``).
+        name: the line's name in log lines (``policy``, ``brief``).
         auto_promote: point ``CURRENT`` at each new complete export, once it has loaded,
             validated and warmed up here (a bad export is never promoted).
         stopping: returns True once the process shuts down (no more reloads then).
@@ -71,11 +157,15 @@ class CurrentSync:
         store: ExportStore,
         manager: HotReloadManager[Any],
         *,
+        pointer: Pointer | None = None,
+        name: str = "policy",
         auto_promote: bool = False,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.manager = manager
+        self.pointer: Pointer = pointer or LocalPointer(store)
+        self.name = name
         self.auto_promote = auto_promote
         self.stopping = stopping
         # Versions that failed to load here: not retried by the follower (an admin reload may).
@@ -93,7 +183,7 @@ class CurrentSync:
         Raises:
             Exception: what the loader raised when no version can serve (startup fails).
         """
-        wanted = self.store.current()
+        wanted = self.pointer.read()
         first = wanted or self.store.newest()
         try:
             info = self.manager.initialize_first_worker(first)
@@ -102,8 +192,8 @@ class CurrentSync:
                 raise
             self.failed.add(first)
             info = self._serve_newest_valid(first, exc, degraded=wanted is not None)
-        if self.store.current() is None:
-            self.store.set_current(info.version)
+        if self.pointer.read() is None:
+            self.pointer.write(info.version)
         return info
 
     def _serve_newest_valid(self, failed: str, error: Exception, *, degraded: bool) -> WorkerInfo:
@@ -124,9 +214,10 @@ class CurrentSync:
     def _degrade(self, wanted: str, serving: str, error: Exception) -> None:
         self.fallback = Fallback(wanted, serving, f"{type(error).__name__}: {error}")
         log.error(
-            "DEGRADED: CURRENT names %s, which cannot serve (%s: %s). Serving %s, the newest "
-            "valid export, instead; CURRENT is left as it is. Re-export %s, or point CURRENT "
-            "at a valid version (POST /admin/model/reload).",
+            "DEGRADED [%s]: CURRENT names %s, which cannot serve (%s: %s). Serving %s, the "
+            "newest valid export, instead; CURRENT is left as it is. Re-export %s, or point "
+            "CURRENT at a valid version (POST /admin/model/reload).",
+            self.name,
             wanted,
             type(error).__name__,
             error,
@@ -158,10 +249,10 @@ class CurrentSync:
         # Runs before the next reload may start, so the follower never sees the new model
         # beside the old CURRENT and "corrects" it back.
         if record.result in _SERVES and record.to_version:
-            self.store.set_current(record.to_version)
+            self.pointer.write(record.to_version)
             self.failed.discard(record.to_version)
             self.fallback = None
-            log.info("CURRENT -> %s", record.to_version)
+            log.info("[%s] CURRENT -> %s", self.name, record.to_version)
 
     # ------------------------------------------------------------------ following CURRENT
 
@@ -173,25 +264,30 @@ class CurrentSync:
             promotion = self._promote_newest()
             if promotion is not None:
                 return promotion
-        desired = self.store.current()
+        desired = self.pointer.read()
         if desired is None or desired == self.manager.current_version or desired in self.failed:
             return None
         record = self._start(desired, self._after_follow)
         if record is not None:
-            log.info("CURRENT names %s: reloading (reload %s)", desired, record.reload_id)
+            log.info(
+                "[%s] CURRENT names %s: reloading (reload %s)",
+                self.name,
+                desired,
+                record.reload_id,
+            )
         return record
 
     def _promote_newest(self) -> ReloadRecord | None:
         newest = self.store.newest()
-        current = self.store.current()
+        current = self.pointer.read()
         if newest is None or newest in self.failed or (current is not None and newest <= current):
             return None
         if newest == self.manager.current_version:
-            self.store.set_current(newest)
+            self.pointer.write(newest)
             return None
         record = self._start(newest, self._after_promotion)
         if record is not None:
-            log.info("new export %s: promoting it once it passes a reload's checks", newest)
+            log.info("[%s] new export %s: promoting it once it passes a reload", self.name, newest)
         return record
 
     def _start(self, version: str, on_done: Callable[[ReloadRecord], None]) -> ReloadRecord | None:
@@ -209,17 +305,32 @@ class CurrentSync:
     def _after_promotion(self, record: ReloadRecord) -> None:
         version = record.requested_version
         if record.result in _SERVES and record.to_version:
-            self.store.set_current(record.to_version)
+            self.pointer.write(record.to_version)
             self.fallback = None
-            log.info("auto-promoted %s: CURRENT -> %s", version, record.to_version)
+            log.info("[%s] auto-promoted: CURRENT -> %s", self.name, record.to_version)
         elif version:
             self.failed.add(version)
             log.warning(
-                "not promoting %s: it failed here (%s); CURRENT stays %s",
+                "[%s] not promoting %s: it failed here (%s); CURRENT stays %s",
+                self.name,
                 version,
                 (record.error or {}).get("message", record.result),
-                self.store.current(),
+                self.pointer.read(),
             )
+
+    async def poll(self, stop: asyncio.Event, interval_s: float) -> None:
+        """Reconcile every ``interval_s`` until ``stop`` is set (pointers without file events).
+
+        The pointer is read in a worker thread: through fsspec it is a network call, and the
+        event loop keeps answering requests meanwhile.
+        """
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.reconcile)
+            except Exception:  # the follower must survive a store that is briefly unreachable
+                log.exception("[%s] reconciling with %s failed", self.name, self.pointer.location)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
     async def watch(self, stop: asyncio.Event, interval_s: float) -> None:
         """Reconcile on every change in the export directory, and every ``interval_s``."""
@@ -235,4 +346,4 @@ class CurrentSync:
             try:
                 self.reconcile()
             except Exception:  # the watcher must survive a bad CURRENT or a full disk
-                log.exception("reconciling with CURRENT failed")
+                log.exception("[%s] reconciling with %s failed", self.name, self.pointer.location)
