@@ -4,6 +4,11 @@
     lf-export ckpt_path=... export_dir=/srv/exports make_current=true
 
 Prints the new version directory. The checkpoint is read with ``weights_only=True``.
+
+Exits 2, writing nothing, when the export would not serve: a checkpoint whose bytes differ from
+its ``checkpoint_history.json`` record (what ``lf-checkpoints verify`` calls CORRUPT), NaN/Inf
+weights, weights that do not fit the model its hyperparameters describe (checked on the meta
+device, before anything is allocated), or anything ``weights_only=True`` refuses.
 """
 
 from __future__ import annotations
