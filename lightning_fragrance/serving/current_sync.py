@@ -171,6 +171,7 @@ class CurrentSync:
         # Versions that failed to load here: not retried by the follower (an admin reload may).
         self.failed: set[str] = set()
         self.fallback: Fallback | None = None
+        manager.on_auto_revert = self._after_revert
 
     # ------------------------------------------------------------------ first load
 
@@ -253,6 +254,21 @@ class CurrentSync:
             self.failed.discard(record.to_version)
             self.fallback = None
             log.info("[%s] CURRENT -> %s", self.name, record.to_version)
+
+    def _after_revert(self, record: ReloadRecord) -> None:
+        # The new version failed its requests here; every process serves the same version, so
+        # CURRENT goes back for all of them (what an admin rollback does), and the follower
+        # never reloads the failing one again on its own.
+        if record.result in _SERVES and record.to_version:
+            if record.from_version:
+                self.failed.add(record.from_version)
+            self.pointer.write(record.to_version)
+            log.warning(
+                "[%s] automatic revert from %s (error rate): CURRENT -> %s",
+                self.name,
+                record.from_version,
+                record.to_version,
+            )
 
     # ------------------------------------------------------------------ following CURRENT
 

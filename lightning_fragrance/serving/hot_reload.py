@@ -370,6 +370,9 @@ class HotReloadManager(Generic[M]):
         self.revert_min_requests = revert_min_requests
         self.observer: ReloadObserver = observer or NullObserver()
         self.drain_timeouts_total = 0
+        # Called with the record of an automatic revert (error rate), like ``on_done``: the
+        # CURRENT follower points CURRENT back, or it would reload the failing version again.
+        self.on_auto_revert: Callable[[ReloadRecord], None] | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._reload_lock = threading.Lock()
@@ -458,7 +461,7 @@ class HotReloadManager(Generic[M]):
             log.warning(
                 "error rate of the new worker crossed %.2f: reverting", self.revert_error_rate
             )
-            self.rollback(reason="error_rate")
+            self.rollback(reason="error_rate", on_done=self.on_auto_revert)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -524,14 +527,23 @@ class HotReloadManager(Generic[M]):
         ).start()
         return record
 
-    def rollback(self, *, reason: str = "manual", reload_id: str | None = None) -> bool:
+    def rollback(
+        self,
+        *,
+        reason: str = "manual",
+        reload_id: str | None = None,
+        on_done: Callable[[ReloadRecord], None] | None = None,
+    ) -> bool:
         """Serve the previous version again: the warm standby if kept, else reload it.
+
+        ``on_done`` is called as in ``start_reload``.
 
         Raises:
             ReloadInProgress: another reload or rollback runs.
             NoPreviousVersion: no earlier version has served in this process.
         """
         record, standby = self._begin_rollback(reload_id)
+        record.on_done = on_done
         return self._execute_rollback(record, standby, reason)
 
     def start_rollback(

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,10 +24,14 @@ from lightning_fragrance.serving.loading import (
 )
 
 
-def make_line(root: Path, **kwargs: object) -> CurrentSync:
+def make_line(
+    root: Path, manager_options: dict[str, Any] | None = None, **kwargs: Any
+) -> CurrentSync:
     store = ExportStore(root)
-    manager: HotReloadManager[LoadedModel] = HotReloadManager(store.load, warmup_steps=0)
-    return CurrentSync(store, manager, **kwargs)  # type: ignore[arg-type]
+    manager: HotReloadManager[LoadedModel] = HotReloadManager(
+        store.load, warmup_steps=0, **(manager_options or {})
+    )
+    return CurrentSync(store, manager, **kwargs)
 
 
 def two_exports(root: Path, checkpoints: list[Path]) -> tuple[str, str]:
@@ -119,3 +124,28 @@ def test_an_fsspec_pointer_that_is_not_a_version_name_reads_as_none(content: byt
     pointer = FsspecPointer(f"memory://lf-{uuid.uuid4().hex}/CURRENT")
     pointer.fs.pipe_file(pointer.path, content)
     assert pointer.read() is None
+
+
+def test_an_automatic_revert_points_current_back_so_the_follower_does_not_undo_it(
+    tmp_path: Path, ppo_checkpoints: list[Path]
+) -> None:
+    first, second = two_exports(tmp_path / "exports", ppo_checkpoints)
+    options = {"keep_previous_s": 30.0, "revert_error_rate": 0.5, "revert_min_requests": 4}
+    sync = make_line(tmp_path / "exports", options)
+    sync.start()
+    assert sync.reload(second).done.wait(30)
+    assert read_current(tmp_path / "exports") == second
+
+    def broken(model: LoadedModel) -> None:
+        raise ValueError("the new policy's answers cannot be decoded")
+
+    for _ in range(4):
+        with pytest.raises(ValueError):
+            sync.manager.serve(broken)
+    deadline = time.monotonic() + 30
+    while read_current(tmp_path / "exports") != first and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    assert read_current(tmp_path / "exports") == first
+    assert sync.manager.current_version == first
+    assert sync.reconcile() is None  # nothing to follow: the failing version stays out
