@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from lightning_fragrance.fragrance import Brief, BriefError, Family, Intensity, parse_brief
 from lightning_fragrance.fragrance.brief import (
     CONCENTRATION_RANGES,
+    MAX_BRIEF_KEYWORDS,
     MAX_BRIEF_TEXT_CHARS,
     Mood,
     Season,
@@ -105,5 +106,12 @@ def test_parser_reads_only_the_first_max_brief_text_chars_characters() -> None:
     assert parse_brief(filler + "rose").include_notes == []
     # Up to the cap the text is read whole, so a negation at its very end still counts.
     tail = "no vanilla"
-    head = "sweet vanilla, " * ((MAX_BRIEF_TEXT_CHARS - len(tail)) // 15)
+    unit = "a sweet vanilla scent for you, "
+    head = unit * ((MAX_BRIEF_TEXT_CHARS - len(tail)) // len(unit))
     assert parse_brief(head + tail).avoid_notes == ["Vanillin"]
+
+
+def test_parser_reads_no_further_than_max_brief_keywords_keywords() -> None:
+    salad = "rose " * MAX_BRIEF_KEYWORDS
+    assert parse_brief(salad + "no vanilla").avoid_notes == []
+    assert parse_brief(salad[5:] + "no vanilla").avoid_notes == ["Vanillin"]
