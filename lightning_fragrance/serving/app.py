@@ -11,7 +11,8 @@ Routes:
 
 Several processes (uvicorn workers, replicas on a shared export store) converge through
 ``exports/CURRENT``: an admin reload swaps this process's model first and then rewrites
-``CURRENT``; every process watches the file (watchfiles) and runs its own blue/green swap.
+``CURRENT``; every process watches the file and runs its own blue/green swap. That protocol is
+``serving.current_sync`` (no FastAPI); this module is HTTP: bodies, auth, limits, answers.
 """
 
 from __future__ import annotations
