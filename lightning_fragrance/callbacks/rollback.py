@@ -12,19 +12,24 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import fsspec
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
 from lightning_fragrance.callbacks.evidence import LoggedEvidence
-from lightning_fragrance.callbacks.trainer_state import RNG_KEY, TrainerState
+from lightning_fragrance.callbacks.trainer_state import (
+    RNG_KEY,
+    TrainerState,
+    default_dirpath,
+    scale_learning_rates,
+)
 from lightning_fragrance.checkpointing import (
     CheckpointDirectoryError,
     CheckpointObserver,
@@ -35,13 +40,14 @@ from lightning_fragrance.checkpointing import (
     ObserverGroup,
     Reading,
     RollbackConditions,
+    RollbackGuard,
     RollbackOrchestrator,
+    agreement,
     collect_rng_state,
     reseed,
     restore_rng_state,
 )
 from lightning_fragrance.checkpointing.errors import CheckpointError
-from lightning_fragrance.checkpointing.store import HISTORY_FILE
 from lightning_fragrance.checkpointing.triggers import GRAD_NORM, KL, LOSS, REWARD
 
 __all__ = ["RNG_KEY", "RollbackCheckpoint"]
@@ -50,7 +56,6 @@ log = logging.getLogger("lightning_fragrance.callbacks.rollback")
 
 STATE_VERSION = 2
 """Version of the callback state in checkpoints (2: run id, freshness, known-good targets)."""
-_MISSING = -math.inf
 _NAME = "RollbackCheckpoint"
 
 
@@ -240,7 +245,7 @@ class RollbackCheckpoint(Checkpoint):
             return ""
         self.engine.flush()
         committed = {r.step: r for r in self.engine.store.records()}
-        good = [r for r in self.engine.guard.candidates(math.inf) if r.step in committed]  # type: ignore[arg-type]
+        good = [r for r in self.engine.guard.candidates(sys.maxsize) if r.step in committed]
         return self.engine.store.url(good[0].file) if good else ""
 
     # ------------------------------------------------------------------ public properties
@@ -252,7 +257,7 @@ class RollbackCheckpoint(Checkpoint):
         return self.engine.store
 
     @property
-    def guard(self) -> Any:
+    def guard(self) -> RollbackGuard:
         """The `RollbackGuard` holding the ledger and the decisions (after the fit started)."""
         if self.engine is None:
             raise RuntimeError("RollbackCheckpoint.guard is available after Trainer.fit starts")
@@ -336,26 +341,7 @@ class RollbackCheckpoint(Checkpoint):
         self.engine.guard.run_id = run_id
 
     def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
-        if self.dirpath is not None:
-            return self.dirpath
-        resumed = trainer.ckpt_path
-        if resumed:
-            parent = os.path.dirname(os.fspath(resumed))
-            fs, path = fsspec.core.url_to_fs(parent)
-            if fs.exists(f"{path}/{HISTORY_FILE}"):
-                return parent
-        base = trainer.log_dir or trainer.default_root_dir
-        root = os.path.join(base, "checkpoints")
-        if trainer.loggers and isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
-            return root  # the logger's log_dir is already one directory per run (version_N)
-        fs, path = fsspec.core.url_to_fs(root)
-        taken = fs.ls(path, detail=False) if fs.exists(path) else []
-        numbers = [
-            int(name.rsplit("version_", 1)[1])
-            for name in (os.path.basename(str(n).rstrip("/")) for n in taken)
-            if name.startswith("version_") and name[8:].isdigit()
-        ]
-        return os.path.join(root, f"version_{max(numbers, default=-1) + 1}")
+        return self.dirpath if self.dirpath is not None else default_dirpath(trainer)
 
     def _reconcile(self, step: int) -> None:
         """After a resume: forget entries whose files are gone; entries newer than the resumed
@@ -450,7 +436,7 @@ class RollbackCheckpoint(Checkpoint):
                 n: r if r.since is not None else Reading(r.value, r.produced_at, r.produced_at)
                 for n, r in readings.items()
             }
-        readings = _worst(self._accumulated, readings)
+        readings = agreement.merge_worst(self._accumulated, readings)
         if step == self._last_step:
             # Gradient accumulation: no optimizer step on this batch. Keep the worst values so
             # a divergence in any micro-batch of the step is judged once the step happens.
@@ -532,48 +518,20 @@ class RollbackCheckpoint(Checkpoint):
             log.warning(message + " (strict=True turns this into an error)")
 
     def _agree(self, trainer: pl.Trainer, readings: dict[str, Reading]) -> dict[str, Reading]:
-        """Make every rank judge the same readings: per signal the worst value over ranks, the
-        newest production step and the oldest state it reflects.
-
-        One packed all-reduce (max) per call instead of one collective per metric; rank-local
-        decisions hang or silently diverge DDP replicas (research note §3.3).
-        """
+        """Make every rank judge the same readings: one packed all-reduce (max) per call
+        (`lightning_fragrance.checkpointing.agreement`)."""
         if trainer.world_size <= 1:
             return readings
         names = list(self.keys)
-        packed: list[float] = []
-        for name in names:
-            reading = readings.get(name)
-            if reading is None:
-                packed += [0.0, 0.0, _MISSING, _MISSING, _MISSING]
-                continue
-            value = reading.value
-            finite = math.isfinite(value)
-            worst = (-value if name == REWARD else value) if finite else _MISSING
-            packed += [
-                1.0,
-                0.0 if finite else 1.0,
-                worst,
-                reading.produced_at,
-                -reading.first_state,
-            ]
         device = trainer.strategy.root_device
-        tensor = torch.tensor(packed, dtype=torch.float64, device=device)
-        reduced = trainer.strategy.reduce(tensor, reduce_op="max").tolist()
-        agreed: dict[str, Reading] = {}
-        for index, name in enumerate(names):
-            present, non_finite, worst, produced, since = reduced[5 * index : 5 * index + 5]
-            if present <= 0:
-                continue
-            value = math.nan if non_finite > 0 else (-worst if name == REWARD else worst)
-            agreed[name] = Reading(value, int(produced), int(-since))
-        return agreed
+        tensor = torch.tensor(agreement.pack(names, readings), dtype=torch.float64, device=device)
+        return agreement.unpack(names, trainer.strategy.reduce(tensor, reduce_op="max").tolist())
 
     # ------------------------------------------------------------------ remedies
     def _remedies(self, trainer: pl.Trainer, step: int) -> dict[str, Any]:
         applied: dict[str, Any] = {}
         if self.lr_factor != 1.0:
-            _scale_learning_rates(trainer.optimizers, trainer.lr_scheduler_configs, self.lr_factor)
+            scale_learning_rates(trainer.optimizers, trainer.lr_scheduler_configs, self.lr_factor)
             applied["lr_factor"] = self.lr_factor
         if self.reseed:
             seed = step * 1_000_003 + self.rollback_count * 7919 + trainer.global_rank
@@ -626,39 +584,3 @@ class RollbackCheckpoint(Checkpoint):
 def _fast_dev_run(trainer: pl.Trainer) -> bool:
     # Set by the Trainer's debugging connector; typed stubs do not list it.
     return bool(getattr(trainer, "fast_dev_run", False))
-
-
-def _worst(first: Mapping[str, Reading], second: Mapping[str, Reading]) -> dict[str, Reading]:
-    """Per signal, the worse of two readings (higher loss, KL and grad norm, lower reward; a
-    non-finite value wins), dated to the newer of the two."""
-    merged = dict(first)
-    for name, reading in second.items():
-        old = merged.get(name)
-        if old is None or not math.isfinite(reading.value):
-            merged[name] = reading
-            continue
-        value = old.value
-        if math.isfinite(value):
-            value = (min if name == REWARD else max)(value, reading.value)
-        since = min(old.first_state, reading.first_state)
-        merged[name] = Reading(value, max(old.produced_at, reading.produced_at), since)
-    return merged
-
-
-def _scale_learning_rates(
-    optimizers: Sequence[torch.optim.Optimizer], scheduler_configs: Sequence[Any], factor: float
-) -> None:
-    """Multiply every LR by ``factor``, in the param groups and the schedulers' ``base_lrs``:
-    LambdaLR-style schedulers recompute the LR from ``base_lrs`` and would undo a param-group
-    write (cosmos-framework's LossSpikeRollback, research note §4)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
-            if "initial_lr" in group:
-                group["initial_lr"] = group["initial_lr"] * factor
-    for config in scheduler_configs:
-        scheduler = config.scheduler
-        if hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

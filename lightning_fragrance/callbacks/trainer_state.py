@@ -1,4 +1,5 @@
-"""The Trainer's training state as the orchestrator's `StateProvider`.
+"""The Trainer's training state as the orchestrator's `StateProvider`, and the Trainer-side
+helpers of the guard (where its files go by default, the LR remedy).
 
 Capture is the dict `Trainer.save_checkpoint` writes (a standard Lightning checkpoint); restore
 is the sequence Lightning runs on resume, minus the loops, through public `Strategy` methods
@@ -8,15 +9,19 @@ is the sequence Lightning runs on resume, minus the loops, through public `Strat
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import fsspec
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lightning_fragrance.checkpointing import restore_rng_state
 from lightning_fragrance.checkpointing.optimizer_state import copy_optimizer_state_
+from lightning_fragrance.checkpointing.store import HISTORY_FILE
 
 RNG_KEY = "lightning_fragrance_rng"
 """Key under which every checkpoint written while the guard is active carries the RNG state of
@@ -106,3 +111,46 @@ class TrainerState:
             # would mutate the snapshot (research note §6.1).
             checkpoint["optimizer_states"] = copy.deepcopy(states)
         strategy.load_optimizer_state_dict(checkpoint)
+
+
+def default_dirpath(trainer: pl.Trainer) -> str:
+    """One checkpoint directory per run: the directory of the checkpoint a fit resumes from
+    (when it holds a history), else ``log_dir/checkpoints`` for the versioned TensorBoard and CSV
+    loggers, else the next free ``<log_dir or default_root_dir>/checkpoints/version_N``."""
+    resumed = trainer.ckpt_path
+    if resumed:
+        parent = os.path.dirname(os.fspath(resumed))
+        fs, path = fsspec.core.url_to_fs(parent)
+        if fs.exists(f"{path}/{HISTORY_FILE}"):
+            return parent
+    base = trainer.log_dir or trainer.default_root_dir
+    root = os.path.join(base, "checkpoints")
+    if trainer.loggers and isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+        return root  # the logger's log_dir is already one directory per run (version_N)
+    fs, path = fsspec.core.url_to_fs(root)
+    taken = fs.ls(path, detail=False) if fs.exists(path) else []
+    numbers = [
+        int(name.rsplit("version_", 1)[1])
+        for name in (os.path.basename(str(n).rstrip("/")) for n in taken)
+        if name.startswith("version_") and name[8:].isdigit()
+    ]
+    return os.path.join(root, f"version_{max(numbers, default=-1) + 1}")
+
+
+def scale_learning_rates(
+    optimizers: Sequence[torch.optim.Optimizer], scheduler_configs: Sequence[Any], factor: float
+) -> None:
+    """Multiply every LR by ``factor``, in the param groups and the schedulers' ``base_lrs``:
+    LambdaLR-style schedulers recompute the LR from ``base_lrs`` and would undo a param-group
+    write (cosmos-framework's LossSpikeRollback, research note §4)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * factor
+    for config in scheduler_configs:
+        scheduler = config.scheduler
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
