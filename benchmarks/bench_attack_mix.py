@@ -11,13 +11,13 @@ process on 127.0.0.1 (the defaults of ``configs/serve.yaml``). The load is ``wrk
 for the shared cores): one wrk with the 6 normal connections (``wrk_dna.lua``: the four texts of
 the serving benchmark in turn) and, in the attacked rounds, a second wrk with 2 connections
 posting the worst case the server accepts: ``max_user_text_chars`` (2,000) characters of
-"not 꽃꽃꽃...", every character a keyword match, each negated (the most parser work a text of
-that length can cause: ``bench_brief_parse.py``). Each connection sends its next request when
-the last answer arrives. Rounds alternate idle and attacked twice (2 s warm-up, 8 s measured);
-the best round of each kind counts, so a neighbour's CPU burst hurts neither kind alone. The
-anchor is the same 6 normal connections with the attackers idle, in the same run. One more
-round calibrates: the 2 extra connections send a typical brief instead, which shows what the
-extra connections cost a saturated server whatever their text.
+"꽃 안 꽃 안 ...", a keyword and a negation cue over and over (the most parser work a text of
+that length causes among the shapes ``bench_brief_parse.py`` tried). Each connection sends its
+next request when the last answer arrives. Rounds alternate idle, attacked and calibration twice
+(2 s warm-up, 6 s measured); the best round of each kind counts, so a neighbour's CPU burst hurts
+neither kind alone. The anchor is the same 6 normal connections with the attackers idle, in the
+same run. The calibration rounds have the 2 extra connections send a typical brief instead: what
+2 more connections cost a saturated server whatever their text, the best any parser could reach.
 
 Run: ``python benchmarks/bench_attack_mix.py`` (about 70 seconds, at most 90; needs ``wrk``:
 ``make bench`` installs it with apt when it runs as root).
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_brief_parse import TYPICAL, dense_hangul
+from bench_brief_parse import TYPICAL, hangul_with_cues
 from serving_harness import start_ours, train_checkpoints
 
 from lightning_fragrance.serving.loading import export
@@ -42,7 +42,7 @@ from lightning_fragrance.serving.settings import ServeSettings
 NORMAL_CONNECTIONS = 6
 ATTACK_CONNECTIONS = 2
 WARMUP_S = 2
-SECONDS = 8
+SECONDS = 6
 ROUNDS = 2
 BUDGET_S = 90.0
 NORMAL_SCRIPT = Path(__file__).with_name("wrk_dna.lua")
@@ -135,7 +135,7 @@ def main() -> int:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="bench-attack-"))
     export(train_checkpoints(work / "ckpts", steps=1)[-1], work / "exports", make_current=True)
-    text = dense_hangul(ServeSettings().max_user_text_chars)
+    text = hangul_with_cues(ServeSettings().max_user_text_chars)
     attack_script = wrk_script(work / "wrk_attack.lua", text)
     typical_script = wrk_script(work / "wrk_typical.lua", TYPICAL)
 
@@ -146,12 +146,10 @@ def main() -> int:
     round_s = WARMUP_S + SECONDS + 1
     try:
         server.wait_ready("/ready")
-        for index in range(ROUNDS):
+        for _ in range(ROUNDS):
             for kind, script in scripts.items():
                 if time.monotonic() - started > BUDGET_S - round_s:
                     break  # stay within the time budget: fewer rounds rather than a long run
-                if kind == "typical" and index > 0:
-                    continue  # one calibration round is enough
                 normal, others = run_round(server.url + "/dna/create", script)
                 rounds[kind].append(normal)
                 if others is not None:
