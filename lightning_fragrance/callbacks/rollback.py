@@ -128,7 +128,8 @@ class RollbackCheckpoint(Checkpoint):
             the current, lower scale after an overflow-driven divergence.
         overwrite: A ``dirpath`` holding another run's checkpoints is refused (histories would
             merge, same-numbered files be overwritten, retention delete this run's files);
-            True starts a new history there instead, the old one kept beside it.
+            True starts a new history there instead, the old one kept beside it (its files are
+            no longer checkpoints of the directory; a file of the same step is replaced).
         observers: Told about saves, rollbacks and errors, besides the logging observer that is
             always attached.
         fs: Optional fsspec filesystem; ``dirpath`` is then a path on it.

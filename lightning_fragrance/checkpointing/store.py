@@ -188,7 +188,8 @@ class CheckpointStore:
             f"run its own under the Trainer's log_dir), resume that run (trainer.fit(model, "
             f"ckpt_path={newest!r}), or CheckpointManager(..., resume=True)), or pass "
             "overwrite=True to start a new history here (the old one is kept as "
-            f"checkpoint_history.<run id>.json; its files are left untouched)."
+            "checkpoint_history.<run id>.<time>.json; its files stay, but are no longer "
+            "checkpoints of this directory, and a file of the same step is replaced)."
         )
 
     def _set_aside_history(self) -> None:
@@ -196,8 +197,8 @@ class CheckpointStore:
         if self.fs.exists(self.history_path):
             self._atomic_write_bytes(name, self.fs.cat_file(self.history_path))
         log.warning(
-            "Starting a new history in %s; the previous run's history is kept as %s and its "
-            "files are left untouched.",
+            "Starting a new history in %s; the previous run's history is kept as %s. Its files "
+            "stay but are no longer checkpoints here; a file of the same step is replaced.",
             self.directory,
             name,
         )

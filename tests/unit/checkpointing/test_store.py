@@ -181,3 +181,24 @@ def test_memory_filesystem_url_works_end_to_end() -> None:
     assert record is not None and reopened.verify(record)
     assert torch.equal(reopened.load(record)["weights"], torch.full((64,), 3.0))
     assert store.url(record.file).startswith("memory://")
+
+
+def test_a_history_written_before_run_ids_is_adopted_on_resume_and_refused_otherwise(
+    tmp_path: Path,
+) -> None:
+    from lightning_fragrance.checkpointing import CheckpointDirectoryError
+
+    store = CheckpointStore(str(tmp_path))
+    store.commit(5, {"w": torch.ones(2)}, {"loss": 1.0})
+    doc = json.loads((tmp_path / "checkpoint_history.json").read_text())
+    doc.pop("run_id")  # what version 1 wrote
+    doc["schema_version"] = 1
+    for entry in doc["entries"]:
+        entry.pop("run_id")
+    (tmp_path / "checkpoint_history.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointDirectoryError, match="a run from before run ids"):
+        CheckpointStore(str(tmp_path)).claim("new-run")
+    resumed = CheckpointStore(str(tmp_path))
+    resumed.claim("new-run", resume=True)
+    assert resumed.run_id == "new-run"
+    assert [r.run_id for r in CheckpointStore(str(tmp_path)).records()] == ["new-run"]
