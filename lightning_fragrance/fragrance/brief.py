@@ -530,9 +530,8 @@ _WORD = re.compile(r"[a-z']+")
 _BUT_JUST_BEFORE = re.compile(r"\bbut\Z")
 
 # Longer texts are read only up to this many characters. The rules' cost grows with the length
-# (about 1.5 us per character of keyword-dense text, benchmarks/bench_brief_parse.py), so the cap
-# bounds a request's cost; customers write a few hundred characters, and lf-serve refuses
-# `user_text` over 2,000 characters before parsing.
+# (benchmarks/bench_brief_parse.py), so the cap bounds a request's cost; customers write a few
+# hundred characters, and lf-serve refuses `user_text` over 2,000 characters before parsing.
 MAX_BRIEF_TEXT_CHARS = 4_000
 # ... and up to this many keywords: the negation checks and the rules cost ~1.5 us per keyword,
 # and a customer's text holds a few dozen (the 2,000-character texts of the test corpus hold
@@ -736,9 +735,10 @@ def parse_brief(text: str) -> Brief:
 
     Family keywords set a weight of 1.0; mood and season tilt the profile by 0.3; negated
     keywords ("not too sweet", "바닐라 없이") rule a family or note out. Without any cue the
-    profile is a balanced floral-citrus-woody default. Only the first `MAX_BRIEF_TEXT_CHARS`
-    (4,000) characters are read, so one call costs a bounded time (a few ms at most); the
-    cost grows linearly with the length up to that cap.
+    profile is a balanced floral-citrus-woody default. The text is read up to
+    `MAX_BRIEF_TEXT_CHARS` (4,000) characters and `MAX_BRIEF_KEYWORDS` (512) keywords, so a
+    call costs a bounded time (~3 ms at most on a 2-core machine); below the caps the cost
+    grows linearly with the length.
 
     Args:
         text: Free text, e.g. "a fresh citrus scent for summer, not too sweet".
