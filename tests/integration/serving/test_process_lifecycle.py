@@ -163,4 +163,4 @@ def test_a_restart_whose_current_names_a_nan_export_serves_the_newest_valid_one_
     response = httpx.post(f"{server.url}/dna/create", json=BODY)
     assert response.status_code == 200 and response.headers["X-Model-Version"] == good
     assert read_current(root) == bad.name
-    assert "DEGRADED: CURRENT names " + bad.name in server.log()
+    assert f"DEGRADED [policy]: CURRENT names {bad.name}" in server.log()
