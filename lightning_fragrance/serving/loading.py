@@ -62,8 +62,10 @@ _SEQ_RE = re.compile(rf"^(\d{{{_SEQ_DIGITS}}})-")
 # A manifest entry is a plain file name of the export directory (lf-export writes no
 # subdirectories): no separator, no "..", no absolute path (issue 10: "../../etc/passwd").
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# manifest.json is the one file whose size no manifest declares; lf-export writes about 1 KB.
+# manifest.json is the one file whose size no manifest declares (lf-export writes about 1 KB),
+# and config.json is parsed whole (about 3 KB): neither may make a load read megabytes of JSON.
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20
 _MAX_CURRENT_BYTES = 4096
 # The safetensors library's own cap on the JSON header (its DoS guard, Trail of Bits audit).
 MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
@@ -798,7 +800,7 @@ class ExportStore:
         return LoadedModel(model=model, version=version, config=config, manifest=manifest)
 
     def _read_config(self, version: str, path: Path, entry: FileEntry) -> ExportConfig:
-        with _open_regular(path, declared=entry.bytes, limit=entry.bytes) as fh:
+        with _open_regular(path, declared=entry.bytes, limit=MAX_CONFIG_BYTES) as fh:
             raw = fh.read(entry.bytes)
             if self.verify_checksums:
                 _check_sha256(version, CONFIG_FILE, hashlib.sha256(raw).hexdigest(), entry)

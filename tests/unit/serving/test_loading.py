@@ -531,3 +531,14 @@ def test_every_file_of_an_export_gets_the_same_mode(store: ExportStore) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_config_larger_than_its_cap_is_refused_before_it_is_read(store: ExportStore) -> None:
+    directory = store.root / "000001-step1"
+    config = directory / "config.json"
+    with config.open("ab") as fh:
+        fh.truncate(2 << 20)  # 2 MiB of JSON padding would be parsed whole
+    _reseal(directory)
+    error = _load_outcome(store, "000001-step1")
+    assert isinstance(error, ManifestInvalidError)
+    assert "over the limit of 1048576" in str(error)
