@@ -462,6 +462,14 @@ async def parse_body(request: Request, model: type[B], *, optional: bool = False
     Raises:
         HTTPException: 422 naming each defect's location and message, never echoing input.
     """
+    content_type = request.headers.get("content-type")
+    if content_type and not _is_json(content_type):
+        # As FastAPI decided before: a body declared as something else is not read as JSON
+        # (a browser can send text/plain across origins without asking first).
+        detail = f"the body must be JSON: send Content-Type: application/json, not {content_type!r}"
+        raise HTTPException(
+            422, detail=[{"type": "content_type", "loc": ["header", "content-type"], "msg": detail}]
+        )
     raw = await request.body()
     if optional and raw.strip() in (b"", b"null"):
         return None
@@ -469,6 +477,13 @@ async def parse_body(request: Request, model: type[B], *, optional: bool = False
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise HTTPException(422, detail=_describe_errors(exc.errors())) from None
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
 
 
 def _describe_errors(errors: Any) -> list[dict[str, Any]]:
@@ -595,7 +610,7 @@ async def reload_status(reload_id: str, request: Request) -> dict[str, Any]:
     """``GET /admin/model/reload/{reload_id}``: phase, result, error and timings."""
     record = _state(request).manager.get_reload(reload_id)
     if record is None:
-        raise HTTPException(404, detail=f"no reload {reload_id!r} in this process")
+        raise HTTPException(404, detail=f"no reload {reload_id[:64]!r} in this process")
     return record.as_dict()
 
 

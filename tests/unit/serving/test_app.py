@@ -516,6 +516,17 @@ MALFORMED_BODIES = {
 }
 
 
+def test_a_json_body_declared_as_another_media_type_gets_422_and_the_way_out(
+    client: TestClient,
+) -> None:
+    body = b'{"user_text": "fresh citrus", "mode": "fast"}'
+    response = client.post("/dna/create", content=body, headers={"content-type": "text/plain"})
+    assert response.status_code == 422
+    assert "Content-Type: application/json" in response.json()["detail"][0]["msg"]
+    typed = client.post("/dna/create", content=body, headers={"content-type": "application/json"})
+    assert typed.status_code == 200
+
+
 @pytest.mark.parametrize("body", MALFORMED_BODIES.values(), ids=MALFORMED_BODIES.keys())
 def test_every_malformed_dna_body_gets_422_with_a_reason_never_500(
     client: TestClient, body: bytes
