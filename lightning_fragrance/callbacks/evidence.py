@@ -112,8 +112,8 @@ class LoggedEvidence:
                 registered = True
                 if metric.meta.on_step and self._new_updates(trainer, name, metric):
                     readings[signal] = self._reading(signal, metric._forward_cache, step, ON_STEP)
-            if registered:
-                continue
+            if registered or self._validation_key(trainer, key):
+                continue  # a validation metric is read once, at the validation's end
             logged = trainer.callback_metrics if logged is None else logged
             value = logged.get(key)
             if value is not None and self._objects.get(key) != id(value):
@@ -140,17 +140,24 @@ class LoggedEvidence:
     def validation_readings(self, trainer: pl.Trainer) -> dict[str, Reading]:
         """Watched keys logged in the validation loop: they judge the state just evaluated."""
         readings: dict[str, Reading] = {}
-        results = trainer.validate_loop._results
+        results = trainer._results  # in on_validation_end: the running validation loop's
         step = trainer.global_step
         for signal, key in self.keys.items():
-            for name, metric in self._results(results, key):
-                if not self._new_updates(trainer, f"val:{name}", metric):
+            for _, metric in self._results(results, key):
+                # Called once per validation run: anything it logged is a new value (two runs
+                # in one epoch can log the same number of times, so counts cannot tell).
+                if int(getattr(metric, "_update_count", 0)) == 0:
                     continue
                 value = trainer.callback_metrics.get(key)
                 reading = self._reading(signal, value, step, VALIDATION, step)
                 if reading is not None:
                     readings[signal] = reading
         return readings
+
+    def _validation_key(self, trainer: pl.Trainer, key: str) -> bool:
+        # The validation loop that runs inside fit (not trainer.validate_loop).
+        val_loop = getattr(trainer.fit_loop.epoch_loop, "val_loop", None)
+        return any(True for _ in self._results(getattr(val_loop, "_results", None), key))
 
     def registered(self, trainer: pl.Trainer, key: str) -> str | None:
         """How ``key`` is logged in the training loop (``on_step``/``on_epoch``), if it is."""

@@ -465,7 +465,7 @@ class RollbackCheckpoint(Checkpoint):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.engine is None or trainer.sanity_checking or not trainer.training:
+        if self.engine is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         agreed = self._agree(trainer, self.evidence.validation_readings(trainer))
         if agreed:

@@ -132,3 +132,51 @@ def test_a_clean_epoch_logged_run_never_rolls_back_and_certifies_its_checkpoints
     statuses = {r.step: r.status for r in guard.history}
     assert statuses[0] == "certified" and statuses[25] == "certified"
     assert "rejected" not in statuses.values()
+
+
+class ValidatedPolicy(EpochLoggedPolicy):
+    """The reward is measured by a validation run (every 4 steps), not by training."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.fault_at is not None and not self.faulted and self.global_step == self.fault_at:
+            self.faulted = True
+            with torch.no_grad():
+                self.weights.add_(30.0)
+        (target,) = batch
+        return (self.weights - target.mean(0)).pow(2).mean() + 1.0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        (target,) = batch
+        distance = (self.weights - target.mean(0)).pow(2).mean()
+        self.log("val/reward", 10.0 - distance)
+
+
+def test_a_validation_metric_judges_the_state_it_evaluated_once(tmp_path: Path) -> None:
+    pl.seed_everything(3, verbose=False)
+    guard = RollbackCheckpoint(
+        dirpath=tmp_path / "checkpoints",
+        save_every_n_steps=SAVE_EVERY,
+        reward_key="val/reward",
+        loss_key="train/none",
+        kl_key="train/none",
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=24,
+        callbacks=[guard],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=4,
+        check_val_every_n_epoch=None,
+    )
+    data = DataLoader(TensorDataset(torch.zeros(STEPS_PER_EPOCH, 8)), batch_size=1)
+    trainer.fit(ValidatedPolicy(fault_at=9), data, data)
+    # Validation at 4 and 8 is healthy; the one at 12 sees the fault of step 9.
+    [event] = guard.rollback_events
+    assert event["at_step"] == 12 and event["to_step"] == 5  # 5: validated healthy at 8
+    assert trainer.global_step == 24
