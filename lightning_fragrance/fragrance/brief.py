@@ -8,11 +8,10 @@ schema.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import heapq
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import NamedTuple, TypeVar
 
@@ -525,6 +524,8 @@ _BREAK_LOOKAHEAD = 4
 # (any English text) skips both per-keyword checks.
 _KO_NEGATION_CUE = re.compile(r"[않없빼말싫제안덜노]")
 _WORD = re.compile(r"[a-z']+")
+# Every position where a clause break starts (overlapping ones too: "지만" inside "하지만").
+_BREAK_START = re.compile(rf"(?=(?:{_CLAUSE_BREAK.pattern}))")
 # A "but" that ends exactly where a keyword starts ("but장미") ends that keyword's clause, although
 # in the whole text no word boundary follows it (Hangul is a word character).
 _BUT_JUST_BEFORE = re.compile(r"\bbut\Z")
@@ -557,21 +558,31 @@ class _Reading(NamedTuple):
 
 
 class _ClauseIndex:
-    """The clause breaks and English words of one text, found in one pass each.
+    """Per-position tables of one text, built in one pass each, for the negation rules.
 
-    The negation rules look at the clause around every keyword. Rescanning the text before each
-    keyword cost O(length x keywords): 44 ms for 2,000 characters of repeated keywords against
-    0.08 ms for a typical brief, so a few clients could starve the others (issue 10, item 5).
-    Here each keyword's clause and last words are found by bisection in positions gathered once.
+    The rules look at the clause around every keyword. Rescanning the text before each keyword
+    cost O(length x keywords): 44 ms for 2,000 characters of repeated keywords against 0.08 ms
+    for a typical brief, so a few clients could starve the others (issue 10, item 5). Here a
+    keyword's clause start, last English words and next clause break are table lookups.
     """
 
     def __init__(self, text: str) -> None:
         self.text = text
-        # Ends of the breaks a left-to-right scan finds, in order (the scan never overlaps).
-        self.break_ends = [found.end() for found in _CLAUSE_BREAK.finditer(text)]
+        size = len(text) + 1
+        # clause_left[p]: end of the last break (a left-to-right, non-overlapping scan) at or
+        # before p, where the clause of a keyword starting at p begins.
+        self.clause_left = _step_table(
+            [found.end() for found in _CLAUSE_BREAK.finditer(text)], size, default=0
+        )
         words = list(_WORD.finditer(text))
-        self.word_starts = [found.start() for found in words]
-        self.word_ends = [found.end() for found in words]
+        # last_word[p]: index of the last word starting before p (-1: none);
+        # words_ended[p]: how many words end at or before p.
+        self.last_word = _step_table(
+            [found.start() + 1 for found in words], size, default=-1, values=range(len(words))
+        )
+        self.words_ended = _step_table(
+            [found.end() for found in words], size, default=0, values=range(1, len(words) + 1)
+        )
         # negations_before[i]: negation words among the first i words. A word cut by the clause
         # start ("'s" after "but") or by the keyword ("not'" before "'rose") begins or ends with
         # an apostrophe, which no negation word does, so whole words can be counted once.
@@ -583,37 +594,69 @@ class _ClauseIndex:
         self.korean_cues = _KO_NEGATION_CUE.search(text) is not None
         # Without any negation word or Korean cue no keyword can be negated.
         self.any_cue = self.korean_cues or self.negations_before[-1] > 0
+        # next_break[p]: where the first clause break starting at or after p starts. A break is
+        # matched at every position with the whole text around it, as a search from p sees it.
+        self.next_break: list[int] = []
+        if self.korean_cues:
+            starts = [found.start() for found in _BREAK_START.finditer(text)]
+            self.next_break = _next_table(starts, size, default=size + _KO_AFTER_REACH)
 
-    def clause_start(self, start: int) -> int:
-        """Where the clause holding a keyword at `start` begins (0 without an earlier break)."""
-        if self.text.endswith("but", 0, start) and _BUT_JUST_BEFORE.search(
-            self.text[max(0, start - 4) : start]
-        ):
-            return start
-        index = bisect.bisect_right(self.break_ends, start) - 1
-        return self.break_ends[index] if index >= 0 else 0
+    def readings(self, spans: list[tuple[int, int, str]]) -> list[_Reading]:
+        """Each span's keyword with its negation; each distinct reading once, in text order.
 
-    def english_negation_before(self, left: int, start: int) -> bool:
-        """Whether one of the clause's last three words before `start` negates ("not too sweet")."""
-        last = bisect.bisect_left(self.word_starts, start) - 1
-        first = max(bisect.bisect_right(self.word_ends, left), last - 2)
-        return first <= last and self.negations_before[last + 1] > self.negations_before[first]
-
-    def korean_negation(self, left: int, start: int, end: int) -> bool:
-        """A negation after the keyword ("달지 않은", "머스크 없이") or before it ("덜 달게")."""
-        reach = end + _KO_AFTER_REACH
-        after = _CLAUSE_BREAK.search(self.text, end, reach + _BREAK_LOOKAHEAD)
-        tail = self.text[end : min(after.start(), reach) if after else reach]
-        before = self.text[max(left, start - _KO_BEFORE_REACH) : start]
-        return bool(_KO_NEGATION_AFTER.search(tail) or _KO_NEGATION_BEFORE.search(before))
-
-    def is_negated(self, start: int, end: int) -> bool:
+        A keyword is negated by one of the last three English words of its clause before it
+        ("not too sweet"), by a Korean negation after it in its clause ("달지 않은", "머스크
+        없이") or by one just before it ("덜 달게", "노 머스크"). One loop with the tables in
+        locals: with thousands of spans, a method call per rule cost as much as the rules.
+        """
         if not self.any_cue:
-            return False
-        left = self.clause_start(start)
-        if self.english_negation_before(left, start):
-            return True
-        return self.korean_cues and self.korean_negation(left, start, end)
+            return [_Reading(keyword, False) for keyword in dict.fromkeys(k for _, _, k in spans)]
+        text, clause_left, last_word = self.text, self.clause_left, self.last_word
+        words_ended, negations = self.words_ended, self.negations_before
+        next_break = self.next_break
+        seen: dict[tuple[str, bool], None] = {}
+        for start, end, keyword in spans:
+            left = clause_left[start]
+            if text.endswith("but", 0, start) and _BUT_JUST_BEFORE.search(
+                text[max(0, start - 4) : start]
+            ):
+                left = start
+            last = last_word[start]
+            first = max(words_ended[left], last - 2)
+            negated = first <= last and negations[last + 1] > negations[first]
+            if not negated and self.korean_cues:
+                tail = text[end : min(next_break[end], end + _KO_AFTER_REACH)]
+                before = text[max(left, start - _KO_BEFORE_REACH) : start]
+                negated = bool(
+                    _KO_NEGATION_AFTER.search(tail) or _KO_NEGATION_BEFORE.search(before)
+                )
+            seen[keyword, negated] = None  # a repeated reading keeps its first place
+        return [_Reading(keyword, negated) for keyword, negated in seen]
+
+
+def _step_table(
+    positions: list[int], size: int, default: int, values: Sequence[int] | None = None
+) -> list[int]:
+    """table[p] = values[i] of the last positions[i] <= p (positions ascending), else `default`;
+    values default to the positions themselves. Filled by slices: O(size), no per-position loop.
+    """
+    table = [default] * size
+    marks = values if values is not None else positions
+    for index, position in enumerate(positions):
+        stop = positions[index + 1] if index + 1 < len(positions) else size
+        if position < stop:
+            table[position:stop] = [marks[index]] * (stop - position)
+    return table
+
+
+def _next_table(positions: list[int], size: int, default: int) -> list[int]:
+    """table[p] = the first of `positions` (ascending) that is >= p, else `default`."""
+    table = [default] * size
+    previous = 0
+    for position in positions:
+        table[previous : position + 1] = [position] * (position + 1 - previous)
+        previous = position + 1
+    return table
 
 
 def _is_ascii(text: str) -> bool:
@@ -649,8 +692,9 @@ def _keyword_spans(text: str, keywords: tuple[str, ...], limit: int) -> list[tup
     any_taken = False
     horizon = len(text)
     horizon_checked_at = 0
+    chars = set(text)  # a keyword whose first character is absent is skipped in ~50 ns
     for keyword, pattern in _keyword_patterns(keywords):
-        if keyword not in text:  # a substring test is far cheaper than a regex scan
+        if keyword[0] not in chars or keyword not in text:  # both far cheaper than a scan
             continue
         reach = horizon + _LONGEST_KEYWORD
         found: list[tuple[int, int]] = []
@@ -691,7 +735,7 @@ def _keyword_readings(text: str, keywords: tuple[str, ...]) -> list[_Reading]:
     # The negation rules read at most a few characters past the last keyword (and a clause
     # break's boundary after those): index no further.
     clauses = _ClauseIndex(text[: spans[-1][1] + _KO_AFTER_REACH + 2 * _BREAK_LOOKAHEAD])
-    return list(dict.fromkeys(_Reading(k, clauses.is_negated(s, e)) for s, e, k in spans))
+    return clauses.readings(spans)
 
 
 _E = TypeVar("_E", bound=Enum)
