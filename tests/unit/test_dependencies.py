@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
+
+tomllib = pytest.importorskip("tomllib")  # standard library from Python 3.11
 
 PYPROJECT = Path(__file__).parents[2] / "pyproject.toml"
 
