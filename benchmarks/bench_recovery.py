@@ -22,9 +22,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-UPDATES = 90
+UPDATES = 150
 SAVE_EVERY = 10
-POSITIONS = (40, 41, 42, 44, 45, 47, 48, 49)  # 40: on a save step; 49: just before the next
+POSITIONS = (60, 61, 62, 64, 65, 67, 68, 69)  # 60: on a save step; 69: just before the next
 SEEDS = (0, 1, 2)
 LOGGING = ("on_step", "on_epoch")
 UPDATES_PER_EPOCH = 5
@@ -66,8 +66,9 @@ def run_cell(cell: Cell) -> Outcome:
         "trainer.enable_progress_bar=false",
         "logger=none",
         "report.enabled=false",
-        f"callbacks.rollback.save_every_n_steps={SAVE_EVERY}",
     ]
+    if cell.guard:
+        overrides += [f"callbacks.rollback.save_every_n_steps={SAVE_EVERY}"]
     if cell.logging == "on_epoch":
         overrides += ["model.log_on_epoch=true", f"model.updates_per_epoch={UPDATES_PER_EPOCH}"]
     if cell.fault_at is not None:
@@ -110,10 +111,10 @@ def run_all(cells: list[Cell]) -> list[Outcome]:
 
 def quick() -> bool:
     clean, guarded, unguarded = run_all(
-        [Cell("on_step", 0, None), Cell("on_step", 0, 50), Cell("on_step", 0, 50, guard=False)]
+        [Cell("on_step", 0, None), Cell("on_step", 0, 75), Cell("on_step", 0, 75, guard=False)]
     )
     c, g, u = clean.greedy, guarded.greedy, unguarded.greedy
-    print(f"fragrance PPO, {UPDATES} updates, lr x100 at update 50, seed 0 (greedy, 300 briefs)")
+    print(f"fragrance PPO, {UPDATES} updates, lr x100 at update 75, seed 0 (greedy, 300 briefs)")
     print(f"  ours   : guarded {g:.2f} (rollbacks {list(guarded.rollbacks)}) {guarded.error}")
     print(f"  anchor : unguarded {u:.2f} {unguarded.error}; clean {c:.2f}")
     print(f"  ratio  : guarded / clean = {g / c:.3f}x; unguarded / clean = {u / c:.3f}x")
