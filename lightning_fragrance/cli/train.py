@@ -5,6 +5,7 @@ model, callbacks, logger and Trainer from it, fit, and write the report.
     lf-train callbacks.rollback.kl_threshold=0.5 trainer.max_steps=2000
     lf-train experiment=fault_lr_spike
     lf-train env=cartpole model=ppo_cartpole callbacks=none
+    lf-train task=brief_llm                  # the brief LLM (SFT, then GRPO), guarded
 
 The config directory is the repository's `configs/`, found from the package location;
 `LF_CONFIG_DIR` points elsewhere (e.g. a copy you edit).
@@ -201,8 +202,8 @@ def write_report(result: TrainingResult, cfg: DictConfig) -> Path:
         faults=faults,
         reward_target=report.get("reward_target"),
         baselines=_baselines(cfg),
-        title=f"PPO on {cfg.env.id.split(':')[-1]}: {result.trainer.global_step} updates, "
-        f"{len(result.rollback_events)} rollback(s)",
+        title=f"{report.get('title') or 'PPO on ' + cfg.env.id.split(':')[-1]}: "
+        f"{result.trainer.global_step} updates, {len(result.rollback_events)} rollback(s)",
     )
     return write_training_report(inputs, result.output_dir / "training_report.png")
 

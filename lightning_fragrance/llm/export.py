@@ -1,0 +1,317 @@
+"""Export the brief model as a versioned Hugging Face directory with the project's manifest, and
+load such an export back with the same safety rules as the policy exports.
+
+Layout (issue 11, item 3): ``<store>/<model>/<seq>-step<step>/`` holding what ``save_pretrained``
+writes (``config.json``, ``model.safetensors``, ``generation_config.json``, the tokenizer files,
+``chat_template.jinja``) plus ``manifest.json`` (``serving.loading.ExportManifest``: sha256 and
+size of every file, source, step, metrics, time), and one ``<store>/<model>/CURRENT``. The
+directory is written under a hidden temporary name and renamed into place, so a reader sees no
+export or a complete one.
+
+Loading (`load_brief_export`) refuses, before any tensor is read: a manifest that is not valid;
+a file that is not listed (a ``.py`` next to the weights could be remote code), a listed one that
+is missing, a link or not a regular file, or whose size or sha256 differs; a safetensors header
+whose keys or shapes do not fit the architecture that ``config.json`` describes (built on the
+meta device, so a header that declares huge tensors costs nothing). Only then does
+``from_pretrained`` run, on local files, safetensors only, without remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_fragrance.llm.model import load_model, save_model
+from lightning_fragrance.serving.loading import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    WEIGHTS_FILE,
+    ChecksumMismatchError,
+    ExportError,
+    ExportManifest,
+    FileEntry,
+    IncompleteExportError,
+    ManifestInvalidError,
+    StateDictMismatchError,
+    UnsafeExportFileError,
+    check_shapes,
+    load_checkpoint_safely,
+    read_safetensors_header,
+    sha256_file,
+    write_current,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "brief_llm"
+# The files every brief export must hold (the tokenizer may add more, e.g. a vocab file).
+REQUIRED_FILES = ("config.json", WEIGHTS_FILE, "generation_config.json", "tokenizer.json")
+# The weights of the policy inside a GRPO training checkpoint (`BriefGRPO.policy`).
+CHECKPOINT_PREFIX = "policy."
+_SEQ_RE = re.compile(r"^(\d{6})-")
+
+
+@dataclass(frozen=True)
+class LoadedBriefModel:
+    """A verified, loaded brief model export."""
+
+    model: Any
+    tokenizer: Any
+    version: str
+    manifest: ExportManifest
+
+
+def export_brief_model(
+    model: Any,
+    tokenizer: Any,
+    store: str | Path,
+    *,
+    step: int,
+    source: str,
+    metrics: Mapping[str, float] | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    make_current: bool = False,
+) -> Path:
+    """Write `model` and `tokenizer` to ``store/model_name/<seq>-step<step>/`` and return it.
+
+    Args:
+        model: A transformers causal LM (weights must be finite).
+        tokenizer: Its tokenizer (saved beside it).
+        store: The export store root (``exports/``).
+        step: The training step the weights come from (in the version name and manifest).
+        source: Where the weights come from (a checkpoint or model directory), recorded.
+        metrics: Metrics at that step (e.g. reward, field score), recorded.
+        model_name: The model line (one ``CURRENT`` per line).
+        make_current: Point ``store/model_name/CURRENT`` at the new version.
+
+    Raises:
+        ExportError: A weight is not finite (nothing is written).
+    """
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(
+                f"weight {name!r} of {source} has non-finite values; export an earlier "
+                "checkpoint (`lf-checkpoints list` shows the certified ones)"
+            )
+    root = Path(store) / model_name
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    try:
+        save_model(model, tokenizer, tmp)
+        files = {
+            p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+            for p in sorted(tmp.iterdir())
+        }
+        final = _rename_into_place(tmp, root, step, files, source, metrics or {})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported the brief model (step %d) to %s", step, final)
+    if make_current:
+        write_current(root, final.name)
+    return final
+
+
+def export_brief_checkpoint(
+    ckpt_path: str | Path,
+    store: str | Path,
+    *,
+    model_name: str = DEFAULT_MODEL_NAME,
+    metrics: Mapping[str, float] | None = None,
+    make_current: bool = False,
+) -> Path:
+    """Export the policy of a GRPO training checkpoint (what the rollback guard wrote).
+
+    The checkpoint is read with ``torch.load(weights_only=True)``; the architecture and the
+    tokenizer come from the SFT directory named in its hyperparameters (``sft_dir``).
+
+    Raises:
+        ExportError: The checkpoint has no policy weights or no ``sft_dir``.
+        ModelLoadError: It is unsafe, unreadable, or its weights do not fit the architecture.
+    """
+    ckpt = load_checkpoint_safely(ckpt_path)
+    sft_dir = (ckpt.get("hyper_parameters") or {}).get("sft_dir")
+    if not sft_dir or not Path(str(sft_dir)).is_dir():
+        raise ExportError(
+            f"{ckpt_path} names no existing sft_dir ({sft_dir!r}) in its hyperparameters; it is "
+            "not a BriefGRPO checkpoint, or its SFT directory moved"
+        )
+    state = {
+        key[len(CHECKPOINT_PREFIX) :]: value
+        for key, value in (ckpt.get("state_dict") or {}).items()
+        if key.startswith(CHECKPOINT_PREFIX)
+    }
+    if not state:
+        raise ExportError(f"{ckpt_path} has no weights under {CHECKPOINT_PREFIX!r}")
+    model, tokenizer = load_model(str(sft_dir))
+    check_shapes(model, {k: tuple(v.shape) for k, v in state.items()})
+    model.load_state_dict(state, strict=True)
+    return export_brief_model(
+        model,
+        tokenizer,
+        store,
+        step=int(ckpt.get("global_step", 0)),
+        source=str(Path(ckpt_path).resolve()),
+        metrics=metrics,
+        model_name=model_name,
+        make_current=make_current,
+    )
+
+
+def _next_sequence(root: Path) -> int:
+    return (
+        max((int(m.group(1)) for p in root.iterdir() if (m := _SEQ_RE.match(p.name))), default=0)
+        + 1
+    )
+
+
+def _rename_into_place(
+    tmp: Path,
+    root: Path,
+    step: int,
+    files: dict[str, FileEntry],
+    source: str,
+    metrics: Mapping[str, float],
+) -> Path:
+    # The version is decided at rename time: a concurrent export that took the sequence number
+    # makes the rename fail and this one takes the next (the manifest names the final version).
+    for _ in range(100):
+        version = f"{_next_sequence(root):06d}-step{step}"
+        manifest = ExportManifest(
+            version=version,
+            files=files,
+            source_checkpoint=source,
+            source_step=step,
+            metrics={k: float(v) for k, v in metrics.items()},
+            created_at=datetime.now(timezone.utc).isoformat(),
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
+        final = root / version
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if final.exists():
+                continue
+            raise
+        return final
+    raise ExportError(f"could not find a free version name in {root}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_brief_manifest(directory: Path) -> ExportManifest:
+    """The export's manifest, validated; every file of the directory must be listed in it."""
+    path = directory / MANIFEST_FILE
+    _require_regular(path)
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestInvalidError(f"{path} is over {MAX_MANIFEST_BYTES} bytes; re-export it")
+    try:
+        manifest = ExportManifest.model_validate_json(path.read_bytes())
+    except ValueError as error:
+        raise ManifestInvalidError(f"{path} is not a valid manifest: {error}") from error
+    missing = [name for name in REQUIRED_FILES if name not in manifest.files]
+    if missing:
+        raise ManifestInvalidError(f"manifest of {directory} does not list {missing}")
+    unlisted = sorted(
+        p.name for p in directory.iterdir() if p.name not in {*manifest.files, MANIFEST_FILE}
+    )
+    if unlisted:
+        raise UnsafeExportFileError(
+            f"{directory} holds files its manifest does not list: {unlisted}; an export holds "
+            "what lf-export wrote and nothing else. Remove them or re-export."
+        )
+    return manifest
+
+
+def _require_regular(path: Path) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError as error:
+        raise IncompleteExportError(f"{path} is missing from the export") from error
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeExportFileError(
+            f"{path} is not a regular file (a link, FIFO or device); nothing was read from it. "
+            "Re-export the model."
+        )
+
+
+def verify_brief_export(directory: str | Path) -> ExportManifest:
+    """Check files, sizes, sha256 and the weights' header against the architecture; read no
+    tensor. Returns the manifest.
+
+    Raises:
+        ModelLoadError: A subclass naming what is wrong (see the module docstring).
+    """
+    path = Path(directory)
+    manifest = read_brief_manifest(path)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", manifest.version):
+        raise ManifestInvalidError(f"manifest version {manifest.version!r} is not a plain name")
+    for name, entry in manifest.files.items():
+        file = path / name
+        _require_regular(file)
+        if file.stat().st_size != entry.bytes:
+            raise ChecksumMismatchError(
+                f"{file} has {file.stat().st_size} bytes, the manifest declares {entry.bytes}; "
+                "it changed after export. Re-export it."
+            )
+        if sha256_file(file) != entry.sha256:
+            raise ChecksumMismatchError(
+                f"{file}: sha256 differs from the manifest's; the file changed after export. "
+                "Re-export it."
+            )
+    _check_header_against_config(path)
+    return manifest
+
+
+def _check_header_against_config(path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ManifestInvalidError(
+            f"{path}/config.json does not describe a model: {error}"
+        ) from error
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    with (path / WEIGHTS_FILE).open("rb") as handle:
+        header = read_safetensors_header(path / WEIGHTS_FILE, handle)
+    shapes = dict(header.shapes)
+    # Tied weights are stored once (lm_head.weight is the embedding): accept their absence.
+    for tied, origin in (getattr(skeleton, "_tied_weights_keys", None) or {}).items():
+        if isinstance(tied, str) and tied not in shapes and origin in shapes:
+            shapes[tied] = shapes[origin]
+    try:
+        check_shapes(skeleton, shapes)
+    except StateDictMismatchError as error:
+        raise StateDictMismatchError(f"{path}: {error}") from error
+
+
+def load_brief_export(directory: str | Path) -> LoadedBriefModel:
+    """Verify (`verify_brief_export`), then load with ``from_pretrained`` (local, safetensors
+    only, no remote code)."""
+    path = Path(directory)
+    manifest = verify_brief_export(path)
+    model, tokenizer = load_model(path)
+    model.eval()
+    return LoadedBriefModel(
+        model=model, tokenizer=tokenizer, version=manifest.version, manifest=manifest
+    )
+
+
+def export_summary(directory: str | Path) -> dict[str, Any]:
+    """The manifest as a plain dict (for logs and the report)."""
+    return dict(json.loads((Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8")))
