@@ -316,12 +316,19 @@ def brief_to_json(brief: Brief) -> str:
     Leaving out the zero weights (the `Brief` fills them in) halves the answer's length, and
     the generation time with it; keys keep the schema's names so the answer is a `Brief` as is.
     """
+    catalog = default_catalog()
+
+    def in_catalog_order(notes: list[str]) -> list[str]:
+        return sorted(notes, key=catalog.index_of)
+
+    # Lists in one canonical order (catalogue, families' order): the order in which a text
+    # names things is arbitrary, and a target that depends on it cannot be learned.
     payload = {
         "profile": {f.value: round(w, 2) for f, w in brief.profile.items() if w > 0},
         "intensity": brief.intensity.value,
-        "include_notes": brief.include_notes,
-        "avoid_notes": brief.avoid_notes,
-        "avoid_families": [f.value for f in brief.avoid_families],
+        "include_notes": in_catalog_order(brief.include_notes),
+        "avoid_notes": in_catalog_order(brief.avoid_notes),
+        "avoid_families": [f.value for f in FAMILIES if f in brief.avoid_families],
         "mood": None if brief.mood is None else brief.mood.value,
         "season": None if brief.season is None else brief.season.value,
     }
