@@ -299,6 +299,7 @@ class OperationsMetricsCollector:
                 self._child("model_reload_phase_seconds", (reload_phase.value,))
             for action in DrainTimeoutAction:
                 self._child("model_reload_drain_timeout_requests_total", (action.value,))
+            self._metric("model_reload_abandoned_loads_total")
         if MetricGroup.LOGGER in self.groups:
             self._metric("rl_logger_push_errors_total")
 
@@ -618,6 +619,10 @@ class OperationsMetricsCollector:
         if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
             raise ValueError(f"requests must be an integer >= 0, got {requests!r}")
         child.inc(requests)
+
+    def record_abandoned_load(self) -> None:
+        """Count a model load abandoned past its deadline (its thread runs on, ignored)."""
+        self._metric("model_reload_abandoned_loads_total").inc()
 
     def set_model_version(self, version: str, role: str | ModelRole = ModelRole.CURRENT) -> None:
         """Mark ``version`` as holding ``role``; its other role (if any) drops to 0."""

@@ -335,7 +335,11 @@ SECTIONS: Sequence[tuple[str, Sequence[Panel]]] = (
                     Query(
                         f"sum by (result) (increase(model_reload_total[{RATE}]))",
                         "{{result}}",
-                    )
+                    ),
+                    Query(
+                        f"sum(increase(model_reload_abandoned_loads_total[{RATE}]))",
+                        "abandoned loads (past load_timeout_s)",
+                    ),
                 ],
             ),
             Panel(

@@ -407,6 +407,13 @@ _CATALOGUE: tuple[MetricSpec, ...] = (
         {"action": _values(DrainTimeoutAction)},
     ),
     MetricSpec(
+        "model_reload_abandoned_loads_total",
+        MetricType.COUNTER,
+        "Model loads abandoned past the load deadline: the thread could not be stopped and its "
+        "result was discarded (the reload itself counts as load_failed).",
+        MetricGroup.RELOAD,
+    ),
+    MetricSpec(
         "model_info",
         MetricType.GAUGE,
         "Model versions in a serving process: 1 while the version holds the role, else 0.",

@@ -52,3 +52,4 @@ class CollectorReloadObserver:
         The failed reload itself is counted as ``model_reload_total{result="load_failed"}``.
         """
         self.abandoned_loads += 1
+        self.collector.record_abandoned_load()

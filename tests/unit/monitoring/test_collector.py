@@ -278,3 +278,10 @@ def test_an_unknown_repair_name_is_refused_with_the_values_and_aliases(
 ) -> None:
     with pytest.raises(ValueError, match=r"code_fence.*code_block"):
         collector.record_llm_brief("fast", True, 0.5, repaired=True, repair_type="codeblock")
+
+
+def test_an_abandoned_model_load_is_counted(registry: CollectorRegistry) -> None:
+    collector = OperationsMetricsCollector(registry, groups=[MetricGroup.RELOAD])
+    assert registry.get_sample_value("model_reload_abandoned_loads_total") == 0
+    collector.record_abandoned_load()
+    assert registry.get_sample_value("model_reload_abandoned_loads_total") == 1
