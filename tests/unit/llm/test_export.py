@@ -77,7 +77,7 @@ def test_a_changed_weight_file_is_refused_by_its_checksum(exported: Path) -> Non
 
 def test_a_file_the_manifest_does_not_list_is_refused(exported: Path) -> None:
     (exported / "modeling_evil.py").write_text("import os\n")
-    with pytest.raises(UnsafeExportFileError, match="modeling_evil.py"):
+    with pytest.raises(UnsafeExportFileError, match=r"modeling_evil\.py"):
         load_brief_export(exported)
 
 
