@@ -64,3 +64,21 @@ def test_short_bodies_pass_at_once_and_long_ones_beyond_the_rate_get_429_with_re
     assert codes[:20] == [200] * 20
     assert codes[20:23] == [200, 200, 429]
     assert codes[23] == 200
+
+
+def test_the_service_puts_dna_create_behind_the_long_body_admission(
+    tmp_path: Any, ppo_checkpoints: list[Any]
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from lightning_fragrance.monitoring import OperationsMetricsCollector
+    from lightning_fragrance.serving.app import create_app
+    from lightning_fragrance.serving.loading import export
+    from lightning_fragrance.serving.settings import ServeSettings
+
+    root = tmp_path / "exports"
+    export(ppo_checkpoints[0], root, make_current=True)
+    settings = ServeSettings(export_dir=root, warmup_steps=1)
+    app = create_app(settings, collector=OperationsMetricsCollector(registry=CollectorRegistry()))
+    [admission] = [m for m in app.user_middleware if m.cls is LongBodyAdmission]
+    assert "/dna/create" in admission.kwargs["paths"]
