@@ -7,12 +7,14 @@ One training step (one optimizer step, so `global_step` counts updates as in `rl
    field score against the label) and normalise the rewards within each text's group (GRPO,
    Shao et al. 2024: the group mean is the baseline, no value network);
 3. loss = policy-gradient surrogate + `kl_coef` x per-token KL to the frozen SFT reference
-   (the k3 estimator, as in GRPO) + `ptx_coef` x the SFT loss on the same texts' labels;
+   (the k3 estimator, as in GRPO) + `ptx_coef` x the SFT loss on `ptx_texts` labelled texts
+   (the update's texts and random others);
 4. after the step, measure the update: the per-token KL between the policy before and after it.
 
 Why the SFT term (InstructGPT's "PPO-ptx", Ouyang et al. 2022): the surrogate of a group-
-normalised objective is zero on average, so on its own `train/loss` would be noise around 0 and
-the guard's "loss x2" trigger would compare noise with noise. With the labelled term the loss is
+normalised objective is zero at the rollout policy, so on its own `train/loss` would say nothing
+(or, averaged over tokens instead of answers, be noise around 0) and the guard's "loss x2"
+trigger would compare noise with noise. With the labelled term the loss is
 positive and moves only when the policy forgets what SFT taught it, which is what a loss spike
 should mean here; it also keeps RL from drifting into answers the reward cannot see.
 
@@ -82,6 +84,7 @@ class BriefGRPO(pl.LightningModule):
         learning_rate: Adam learning rate.
         kl_coef: Weight of the per-token KL to the reference in the loss.
         ptx_coef: Weight of the SFT loss on the labelled answers.
+        ptx_texts: Labelled texts in the SFT term (the update's texts, then random others).
         max_new_tokens: Longest sampled answer.
         temperature: Sampling temperature of the rollouts.
         max_grad_norm: Gradient clipping.
@@ -98,6 +101,7 @@ class BriefGRPO(pl.LightningModule):
         learning_rate: float = 5e-5,
         kl_coef: float = 0.05,
         ptx_coef: float = 1.0,
+        ptx_texts: int = 32,
         max_new_tokens: int = 96,
         temperature: float = 1.0,
         max_grad_norm: float = 1.0,
@@ -178,13 +182,17 @@ class BriefGRPO(pl.LightningModule):
         lp = log_probs.gather(-1, chosen).squeeze(-1)
         advantages = group_advantages(roll["rewards"], int(self.hparams["group_size"]))
         # One update per rollout: the ratio is 1 in value and carries the gradient of log p
-        # (the PPO clip would never bind, so it is left out).
+        # (the PPO clip would never bind, so it is left out). Tokens are averaged per answer,
+        # then answers per batch (GRPO's 1/|o_i|): as the advantages of a group sum to zero,
+        # the surrogate's value is exactly 0 and only its gradient counts.
         ratio = torch.exp(lp - lp.detach())
-        pg_loss = -masked_mean(advantages.unsqueeze(1) * ratio, mask)
+        per_answer = (ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        pg_loss = -(advantages * per_answer).mean()
         delta = ref_lp.squeeze(-1) - lp
         ref_kl = masked_mean(torch.exp(delta) - delta - 1.0, mask)  # k3, >= 0 per token
         ptx_batch = collate_sft(
-            [encode_example(self.tokenizer, e) for e in batch], int(self.tokenizer.pad_token_id)
+            [encode_example(self.tokenizer, e) for e in self._ptx_examples(batch)],
+            int(self.tokenizer.pad_token_id),
         )
         ptx_loss = self.policy(**ptx_batch).loss
         loss = (
@@ -214,6 +222,15 @@ class BriefGRPO(pl.LightningModule):
             },
             batch_size=len(batch),
         )
+
+    def _ptx_examples(self, batch: list[LabelledText]) -> list[LabelledText]:
+        """The batch's texts plus random others, `ptx_texts` in all: the SFT term's value is
+        what the guard's loss trigger watches, and 8 texts make it too noisy to compare."""
+        extra = int(self.hparams["ptx_texts"]) - len(batch)
+        if extra <= 0:
+            return batch
+        picks = torch.randint(len(self.examples), (extra,)).tolist()
+        return [*batch, *(self.examples[i] for i in picks)]
 
     @torch.no_grad()
     def _update_kl(

@@ -83,7 +83,7 @@ class BriefSFT(pl.LightningModule):
     def __init__(
         self,
         model: Any,
-        learning_rate: float = 2e-3,
+        learning_rate: float = 3e-3,
         warmup_steps: int = 50,
         weight_decay: float = 0.01,
     ) -> None:
@@ -144,8 +144,8 @@ class SFTSettings:
     vocab_size: int = 2048
     size: BriefModelSize = field(default_factory=BriefModelSize)
     batch_size: int = 32
-    learning_rate: float = 2e-3
-    max_epochs: int = 6
+    learning_rate: float = 3e-3
+    max_epochs: int = 10
     patience: int = 2
     val_check_interval: float | int = 0.5
     max_steps: int = -1

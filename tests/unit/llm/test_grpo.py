@@ -61,6 +61,9 @@ def test_every_update_logs_kl_ref_kl_loss_and_reward(tiny_sft_dir: Path, tmp_pat
         assert all(key in row for key in LOGGED)
         assert row["train/kl"] >= 0 and row["train/ref_kl"] >= -1e-6
         assert 0.0 <= row["train/reward"] <= 1.0
+        # Advantages sum to zero in each group: the surrogate's value is 0, the loss is the
+        # KL and SFT terms (what the guard's loss trigger should watch).
+        assert row["train/pg_loss"] == pytest.approx(0.0, abs=1e-5)
     # The first update starts at the reference: nothing has moved yet.
     assert recorder.rows[0]["train/ref_kl"] == pytest.approx(0.0, abs=1e-5)
 
