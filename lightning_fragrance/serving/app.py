@@ -2,15 +2,18 @@
 
 Routes:
 
-- ``POST /dna/create`` ``{user_text, mode}`` → brief → policy → formula (``X-Model-Version``).
-- ``POST /admin/model/reload`` (optional ``{"version": ...}``) → 202 + reload id;
-  ``GET /admin/model/reload/{reload_id}``; ``GET /admin/model``; ``POST /admin/model/rollback``.
+- ``POST /dna/create`` ``{user_text, mode}`` → brief → policy → formula (``X-Model-Version``;
+  ``X-Brief-Source``; ``X-Brief-Model-Version`` when the brief LLM line serves).
+- ``POST /admin/model/reload`` (optional ``{"model": ..., "version": ...}``) → 202 + reload id;
+  ``GET /admin/model/reload/{reload_id}``; ``GET /admin/model`` (both model lines);
+  ``POST /admin/model/rollback`` (optional ``{"model": ...}``). ``model`` is ``policy``
+  (the default) or ``brief_llm``.
   Bearer token, compared in constant time; no token configured = 403 (DESIGN.md §7).
 - ``GET /health`` (liveness), ``GET /ready`` (stays 200 during a reload, 503 after SIGTERM),
   ``GET /metrics``.
 
 Several processes (uvicorn workers, replicas on a shared export store) converge through
-``exports/CURRENT``: an admin reload swaps this process's model first and then rewrites
+each model line's ``CURRENT``: an admin reload swaps this process's model first and then rewrites
 ``CURRENT``; every process watches the file and runs its own blue/green swap. That protocol is
 ``serving.current_sync`` (no FastAPI); this module is HTTP: bodies, auth, limits, answers.
 """
@@ -50,11 +53,9 @@ from lightning_fragrance.fragrance import (
 from lightning_fragrance.fragrance.catalog import default_catalog
 from lightning_fragrance.fragrance.dna import decode_action
 from lightning_fragrance.monitoring import BriefMode, OperationsMetricsCollector
-from lightning_fragrance.serving.brief import (
-    BriefGenerator,
-    LLMBriefGenerator,
-    RuleBasedBriefGenerator,
-)
+from lightning_fragrance.serving.admission import LongBodyAdmission
+from lightning_fragrance.serving.brief import BriefGenerator, BriefResult, RuleBasedBriefGenerator
+from lightning_fragrance.serving.brief_line import BRIEF_MODEL_NAME, BriefLLMLine, BriefLLMSettings
 from lightning_fragrance.serving.current_sync import CurrentSync
 from lightning_fragrance.serving.hot_reload import (
     DrainTimeoutExceeded,
@@ -77,6 +78,9 @@ from lightning_fragrance.serving.settings import ADMIN_TOKEN_ENV, BriefBackend, 
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Model-Version"
+BRIEF_VERSION_HEADER = "X-Brief-Model-Version"
+BRIEF_SOURCE_HEADER = "X-Brief-Source"
+POLICY_MODEL_NAME = "policy"
 WARMUP_TEXTS = (
     "a fresh citrus scent for summer, not too sweet",
     "warm amber and vanilla for winter evenings",
@@ -113,11 +117,20 @@ class DnaResponse(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    """Optional body of ``POST /admin/model/reload``."""
+    """Optional body of ``POST /admin/model/reload`` (``model`` absent = the policy)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    model: str | None = None
     version: str | None = None
+
+
+class RollbackRequest(BaseModel):
+    """Optional body of ``POST /admin/model/rollback`` (``model`` absent = the policy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -176,6 +189,31 @@ def build_manager(
     )
 
 
+def build_brief_line(
+    settings: ServeSettings,
+    collector: OperationsMetricsCollector,
+    *,
+    stopping: Callable[[], bool],
+) -> BriefLLMLine:
+    """The brief LLM model line over ``settings.brief_llm_store_dir()``."""
+    line_settings = BriefLLMSettings(
+        decoding=settings.llm_decoding,
+        warmup_steps=settings.llm_warmup_steps,
+        load_timeout_s=settings.llm_load_timeout_s,
+        drain_timeout_s=settings.drain_timeout_s,
+        drain_timeout_action=settings.drain_timeout_action.value,
+        max_batch_size=settings.llm_max_batch_size,
+        batch_wait_s=settings.llm_batch_wait_ms / 1000,
+        auto_promote=settings.auto_promote_exports,
+    )
+    return BriefLLMLine(
+        ExportStore(settings.brief_llm_store_dir()),
+        line_settings,
+        collector=collector,
+        stopping=stopping,
+    )
+
+
 @dataclass
 class ServingState:
     """Everything the routes share inside one process."""
@@ -187,6 +225,8 @@ class ServingState:
     brief: BriefGenerator
     observer: CollectorReloadObserver
     sync: CurrentSync
+    # The brief LLM model line (``brief_backend=llm``); None: ``brief`` answers alone.
+    brief_line: BriefLLMLine | None = None
     shutting_down: bool = False
     inflight: int = 0
     # Work that `placement` keeps off the event loop (slow briefs, large policies) runs here,
@@ -368,23 +408,20 @@ def create_app(
     """
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    store = ExportStore(settings.export_dir)
+    store = ExportStore(settings.policy_store_dir())
     collector = collector or OperationsMetricsCollector()
     manager = build_manager(store, settings, collector)
-    if brief_generator is None:
-        if settings.brief_backend is BriefBackend.LLM:
-            if settings.llm_model_dir is None:
-                raise ValueError("brief_backend=llm needs llm_model_dir (a save_pretrained dir)")
-            brief_generator = LLMBriefGenerator(settings.llm_model_dir, collector=collector)
-        else:
-            brief_generator = RuleBasedBriefGenerator()
+    brief_line = None
+    if brief_generator is None and settings.brief_backend is BriefBackend.LLM:
+        brief_line = build_brief_line(settings, collector, stopping=lambda: state.shutting_down)
     assert isinstance(manager.observer, CollectorReloadObserver)
     state = ServingState(
         settings=settings,
         store=store,
         collector=collector,
         manager=manager,
-        brief=brief_generator,
+        brief=brief_generator or RuleBasedBriefGenerator(),
+        brief_line=brief_line,
         observer=manager.observer,
         sync=CurrentSync(
             store,
@@ -398,29 +435,35 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        info = await asyncio.to_thread(state.sync.start)
-        log.info("serving %s on %s", info.version, settings.export_dir)
+        syncs = [state.sync] + ([brief_line.sync] if brief_line else [])
+        for sync in syncs:
+            info = await asyncio.to_thread(sync.start)
+            log.info("serving %s %s from %s", sync.name, info.version, sync.store.root)
         _install_sigterm(state)
         stop = asyncio.Event()
-        watcher = (
-            asyncio.create_task(state.sync.watch(stop, settings.reconcile_interval_s))
+        watchers = (
+            [asyncio.create_task(s.watch(stop, settings.reconcile_interval_s)) for s in syncs]
             if settings.watch_current
-            else None
+            else []
         )
         try:
             yield
         finally:
             stop.set()
-            if watcher is not None:
+            for watcher in watchers:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(watcher, timeout=5)
             manager.shutdown()
+            if brief_line is not None:
+                brief_line.manager.shutdown()
             # uvicorn has drained the requests by now; a thread still busy past the graceful
             # timeout is left to end on its own rather than block the exit.
             state.executor.shutdown(wait=False)
 
     app = FastAPI(title="lightning_fragrance serving", lifespan=lifespan)
     app.state.serving = state
+    # Inner to the guard: a long body's wait for admission counts in its latency and metrics.
+    app.add_middleware(LongBodyAdmission, paths={"/dna/create"})
     app.add_middleware(RequestGuardMiddleware, state_getter=lambda: state)
     app.add_exception_handler(RequestValidationError, _validation_error)
     _add_routes(app)
@@ -539,9 +582,30 @@ async def create_dna(request: Request) -> Response:
         )
     state.inflight += 1
     try:
-        return await _create_dna(state, body)
+        llm_brief = await _llm_brief(state, body) if state.brief_line else None
+        return await _create_dna(state, body, llm_brief)
     finally:
         state.inflight -= 1
+
+
+async def _llm_brief(state: ServingState, body: DnaRequest) -> tuple[BriefResult, str]:
+    """The brief from the LLM line (batched), with the version that generated it."""
+    line = state.brief_line
+    assert line is not None
+    timeout = state.settings.request_timeout_s
+    try:
+        brief = await line.generate(body.user_text, body.mode, timeout)
+    except DrainTimeoutExceeded as exc:
+        raise HTTPException(
+            503, detail=str(exc), headers={"Retry-After": str(exc.retry_after)}
+        ) from exc
+    except TimeoutError as exc:
+        raise HTTPException(504, detail=f"brief exceeded request_timeout_s={timeout}") from exc
+    except NoModelLoaded as exc:
+        raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from exc
+    except BriefError as exc:
+        raise HTTPException(422, detail=str(exc)) from exc
+    return brief.result, brief.version
 
 
 async def health() -> dict[str, str]:
@@ -557,10 +621,12 @@ async def ready(request: Request) -> JSONResponse:
         reason = "shutting down" if state.shutting_down else "no model loaded"
         return JSONResponse({"ready": False, "reason": reason}, status_code=503)
     fallback = state.sync.fallback
+    line = state.brief_line
     return JSONResponse(
         {
             "ready": True,
             "version": version,
+            "brief_model_version": line.manager.current_version if line else None,
             "reloading": state.manager.reloading,
             "degraded": fallback.as_dict() if fallback else None,
             "pid": os.getpid(),  # tells uvicorn workers behind one port apart
@@ -574,17 +640,39 @@ async def metrics(request: Request) -> Response:
     return Response(state.collector.exposition(), media_type=state.collector.content_type)
 
 
+def _line_sync(state: ServingState, model: str | None) -> CurrentSync:
+    """The ``CurrentSync`` of the model line named ``model`` (``None`` = the policy).
+
+    Raises:
+        HTTPException: 404 naming the lines this process serves.
+    """
+    if model is None or model == POLICY_MODEL_NAME:
+        return state.sync
+    if model == BRIEF_MODEL_NAME and state.brief_line is not None:
+        return state.brief_line.sync
+    lines = [POLICY_MODEL_NAME] + ([BRIEF_MODEL_NAME] if state.brief_line else [])
+    hint = (
+        "; start lf-serve with brief_backend=llm to serve the brief LLM line"
+        if model == BRIEF_MODEL_NAME
+        else ""
+    )
+    detail = f"no model line {model[:64]!r}; this process serves {lines}{hint}"
+    raise HTTPException(404, detail=detail)
+
+
 async def reload_model(request: Request) -> dict[str, Any]:
     """``POST /admin/model/reload``: 202 + reload id; CURRENT follows once it serves."""
     state = _state(request)
     body = await parse_body(request, ReloadRequest, optional=True)
-    version = _resolve_version(state, body.version if body else None)
+    sync = _line_sync(state, body.model if body else None)
+    version = _resolve_version(sync.store, body.version if body else None)
     try:
-        record = state.sync.reload(version)
+        record = sync.reload(version)
     except ReloadInProgress as exc:
         raise HTTPException(409, detail=str(exc)) from exc
     return {
         "reload_id": record.reload_id,
+        "model": sync.name,
         "version": version,
         "status_url": f"/admin/model/reload/{record.reload_id}",
     }
@@ -593,14 +681,17 @@ async def reload_model(request: Request) -> dict[str, Any]:
 async def rollback_model(request: Request) -> dict[str, Any]:
     """``POST /admin/model/rollback``: back to the previous version."""
     state = _state(request)
+    body = await parse_body(request, RollbackRequest, optional=True)
+    sync = _line_sync(state, body.model if body else None)
     try:
-        record = state.sync.rollback()
+        record = sync.rollback()
     except ReloadInProgress as exc:
         raise HTTPException(409, detail=str(exc)) from exc
     except NoPreviousVersion as exc:
         raise HTTPException(409, detail=f"{exc}; reload a named version instead") from exc
     return {
         "reload_id": record.reload_id,
+        "model": sync.name,
         "version": record.requested_version,
         "status_url": f"/admin/model/reload/{record.reload_id}",
     }
@@ -608,10 +699,13 @@ async def rollback_model(request: Request) -> dict[str, Any]:
 
 async def reload_status(reload_id: str, request: Request) -> dict[str, Any]:
     """``GET /admin/model/reload/{reload_id}``: phase, result, error and timings."""
-    record = _state(request).manager.get_reload(reload_id)
-    if record is None:
-        raise HTTPException(404, detail=f"no reload {reload_id[:64]!r} in this process")
-    return record.as_dict()
+    state = _state(request)
+    syncs = [state.sync] + ([state.brief_line.sync] if state.brief_line else [])
+    for sync in syncs:
+        record = sync.manager.get_reload(reload_id)
+        if record is not None:
+            return {**record.as_dict(), "model": sync.name}
+    raise HTTPException(404, detail=f"no reload {reload_id[:64]!r} in this process")
 
 
 async def model_info(request: Request) -> dict[str, Any]:
@@ -619,7 +713,19 @@ async def model_info(request: Request) -> dict[str, Any]:
     state = _state(request)
     standby = state.manager.get_standby_info()
     fallback = state.sync.fallback
+    models: dict[str, Any] = {
+        POLICY_MODEL_NAME: {
+            "current": state.manager.get_current_worker_info().as_dict(),
+            "reloading": state.manager.reloading,
+            "current_pointer": state.sync.pointer.read(),
+            "versions": state.store.complete_versions(),
+        }
+    }
+    if state.brief_line is not None:
+        models[BRIEF_MODEL_NAME] = state.brief_line.admin_info()
     return {
+        # The policy's fields stay at the top level, as before the brief LLM line existed.
+        "models": models,
         "current": state.manager.get_current_worker_info().as_dict(),
         "standby": standby.as_dict() if standby else None,
         "reloading": state.manager.reloading,
@@ -659,6 +765,7 @@ def _add_routes(app: FastAPI) -> None:
         methods=["POST"],
         status_code=202,
         dependencies=admin,
+        openapi_extra=_body_schema(RollbackRequest, required=False),
     )
     app.add_api_route(
         "/admin/model/reload/{reload_id}", reload_status, methods=["GET"], dependencies=admin
@@ -666,26 +773,28 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/admin/model", model_info, methods=["GET"], dependencies=admin)
 
 
-def _resolve_version(state: ServingState, requested: str | None) -> str:
+def _resolve_version(store: ExportStore, requested: str | None) -> str:
     if requested is None:
-        newest = state.store.newest()
+        newest = store.newest()
         if newest is None:
-            raise HTTPException(404, detail=f"no complete export in {state.store.root}")
+            raise HTTPException(404, detail=f"no complete export in {store.root}")
         return newest
     try:
         validate_version_name(requested)
-        directory = state.store.path_for(requested)  # refuses a symlinked version too
+        directory = store.path_for(requested)  # refuses a symlinked version too
     except InvalidVersionNameError as exc:
         raise HTTPException(400, detail=str(exc)) from exc
     if not directory.is_dir():
         raise HTTPException(
-            404, detail=f"export {requested!r} not found; available: {state.store.versions()}"
+            404, detail=f"export {requested!r} not found; available: {store.versions()}"
         )
     return requested
 
 
-async def _create_dna(state: ServingState, body: DnaRequest) -> Response:
-    def work() -> tuple[str, bytes | str, float]:
+async def _create_dna(
+    state: ServingState, body: DnaRequest, llm_brief: tuple[BriefResult, str] | None
+) -> Response:
+    def work() -> tuple[str, bytes | str, float, str]:
         # The request takes its worker at admission and keeps it for the brief and the policy
         # (research note §6.10: generation pinning); the lease lives with the work, so a
         # request that outlives the HTTP timeout still holds its worker and the drain waits
@@ -693,9 +802,11 @@ async def _create_dna(state: ServingState, body: DnaRequest) -> Response:
         started = time.perf_counter()
         with state.manager.lease() as lease:
             try:
-                result = state.brief.generate(body.user_text, body.mode)
+                result = (
+                    llm_brief[0] if llm_brief else state.brief.generate(body.user_text, body.mode)
+                )
             except BriefError as exc:
-                return lease.version, str(exc), time.perf_counter() - started
+                return lease.version, str(exc), time.perf_counter() - started, ""
             dna = formulate(lease.model.model, result.brief)  # type: ignore[arg-type]
             # One pass of pydantic's Rust serializer, straight to bytes: model_dump +
             # json.dumps took 140 us of the 0.8 ms of work, this takes 30 us.
@@ -705,14 +816,15 @@ async def _create_dna(state: ServingState, body: DnaRequest) -> Response:
                 brief_source=result.source.value,
                 dna=dna,
             ).model_dump_json()
-            return lease.version, payload.encode(), time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            return lease.version, payload.encode(), elapsed, result.source.value
 
     placement = state.placement
     timeout = state.settings.request_timeout_s
     try:
         if placement.next_inline():
             clean = placement.clean()
-            version, payload, seconds = work()
+            version, payload, seconds, source = work()
             placement.observe(seconds, inline=True, clean=clean)
         else:
             job = state.executor.submit(work)
@@ -721,7 +833,7 @@ async def _create_dna(state: ServingState, body: DnaRequest) -> Response:
             # out request's work still holds the GIL): inline measurements need the pool empty.
             loop = asyncio.get_running_loop()
             job.add_done_callback(lambda _: _call_soon(loop, placement.pool_job_done))
-            version, payload, seconds = await asyncio.wait_for(
+            version, payload, seconds, source = await asyncio.wait_for(
                 asyncio.wrap_future(job), timeout=timeout
             )
             placement.observe(seconds, inline=False)
@@ -735,7 +847,10 @@ async def _create_dna(state: ServingState, body: DnaRequest) -> Response:
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from exc
     if isinstance(payload, str):
         raise HTTPException(422, detail=payload)
-    return Response(payload, media_type="application/json", headers={VERSION_HEADER: version})
+    headers = {VERSION_HEADER: version, BRIEF_SOURCE_HEADER: source}
+    if llm_brief is not None:
+        headers[BRIEF_VERSION_HEADER] = llm_brief[1]
+    return Response(payload, media_type="application/json", headers=headers)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

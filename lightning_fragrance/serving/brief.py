@@ -258,6 +258,32 @@ def build_system_prompt(brief_model: type[BaseModel] = Brief) -> str:
     )
 
 
+def build_prompt(tokenizer: Any, system_prompt: str, user_text: str) -> str:
+    """The prompt for ``user_text``: the tokenizer's chat template when it has one (the brief
+    model trained here renders only the user's message with it), else plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": user_text},
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(text)
+    return f"{system_prompt}\nRequest: {user_text}\nJSON:"
+
+
+def record_llm_result(
+    collector: OperationsMetricsCollector, mode: BriefMode, result: BriefResult, seconds: float
+) -> None:
+    """Record one LLM brief in ``llm_brief_total`` / ``_repairs_total`` / ``_latency_seconds``:
+    a rules fallback is a failure repaired by ``rule_fallback``, else the main repair's type."""
+    if result.source is BriefSource.RULES_FALLBACK:
+        collector.record_llm_brief(
+            mode, False, seconds, repaired=True, repair_type=RepairType.RULE_FALLBACK
+        )
+        return
+    record_brief_with_repair(collector, mode, seconds, primary_repair(result.repairs))
+
+
 @dataclass
 class LLMBriefGenerator:
     """Brief extraction with a transformers causal LM, repaired, validated, with a rule fallback.
@@ -299,16 +325,7 @@ class LLMBriefGenerator:
 
     def prompt(self, user_text: str) -> str:
         """The full prompt: the chat template when the tokenizer has one, else plain text."""
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [
-                {"role": "system", "content": self.system_prompt},
-                {"role": "user", "content": user_text},
-            ]
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            return str(text)
-        return f"{self.system_prompt}\nRequest: {user_text}\nJSON:"
+        return build_prompt(self.tokenizer, self.system_prompt, user_text)
 
     def complete(self, user_text: str, mode: BriefMode) -> str:
         """The model's raw answer for ``user_text`` in ``mode`` (prompt tokens stripped)."""
@@ -340,15 +357,8 @@ class LLMBriefGenerator:
         return result
 
     def _record(self, mode: BriefMode, result: BriefResult, seconds: float) -> None:
-        if self.collector is None:
-            return
-        if result.source is BriefSource.RULES_FALLBACK:
-            self.collector.record_llm_brief(
-                mode, False, seconds, repaired=True, repair_type=RepairType.RULE_FALLBACK
-            )
-            return
-        kind = primary_repair(result.repairs)
-        record_brief_with_repair(self.collector, mode, seconds, kind)
+        if self.collector is not None:
+            record_llm_result(self.collector, mode, result, seconds)
 
 
 def record_brief_with_repair(

@@ -893,6 +893,11 @@ class HotReloadManager(Generic[M]):
 
     def _stop(self, worker: Worker[M]) -> None:
         worker.status = WorkerStatus.STOPPED
+        close = getattr(worker.model, "close", None)
+        if callable(close):
+            # A model with threads of its own (the brief LLM's batcher) lets them end, or they
+            # would keep the retired model alive.
+            close()
         survivor = _weak(worker.model)
         worker.model = None
         with self._lock:

@@ -8,10 +8,25 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lightning_fragrance.monitoring import BriefMode
+from lightning_fragrance.serving.brief import GenerationSettings
 from lightning_fragrance.serving.hot_reload import DrainTimeoutAction
 
 ADMIN_TOKEN_ENV = "LF_ADMIN_TOKEN"
 SETTINGS_ENV = "LF_SERVE_SETTINGS"
+
+
+# The brief LLM line's exports live in their own store beside the policy's (one CURRENT each).
+BRIEF_LLM_STORE = "brief_llm"
+# A policy store may sit in ``<export_dir>/policy`` (the ``exports/<model>/<version>/``
+# layout); without that folder, the versions directly in ``export_dir`` are read in place.
+POLICY_STORE = "policy"
+
+
+def _default_llm_decoding() -> dict[BriefMode, GenerationSettings]:
+    from lightning_fragrance.serving.brief_line import DEFAULT_LLM_DECODING
+
+    return dict(DEFAULT_LLM_DECODING)
 
 
 class BriefBackend(str, Enum):
@@ -52,8 +67,16 @@ class ServeSettings(BaseModel):
         shutdown_ready_delay_s: after SIGTERM, ``/ready`` answers 503 this long before the
             listener closes, so load balancers stop sending traffic first.
         graceful_shutdown_s: then in-flight requests get this long to finish.
-        brief_backend: ``rules`` (default) or ``llm``.
-        llm_model_dir: a transformers causal-LM directory for ``brief_backend=llm``.
+        brief_backend: ``rules`` (default) or ``llm``: the brief LLM line, hot-reloaded from
+            ``llm_export_dir`` like the policy.
+        llm_export_dir: the brief LLM's export store (default ``<export_dir>/brief_llm``, what
+            ``lf-export`` writes for it), with its own ``CURRENT``.
+        llm_warmup_steps: warm-up ``generate`` calls before a new brief model takes traffic.
+        llm_load_timeout_s: seconds the brief LLM's loader may take (verify + from_pretrained).
+        llm_max_batch_size: most concurrent requests in one batched ``generate``.
+        llm_batch_wait_ms: longest a request waits for others to join its batch.
+        llm_decoding: generation settings per mode (``max_new_tokens``, ``do_sample``,
+            ``temperature``, ``top_p``).
         work_threads: threads running the brief + policy work of ``/dna/create`` per process
             (a slow request holds one; more than a few only contend for the GIL).
         inline_work_ms: ``/dna/create`` work measured faster than this runs on the event loop
@@ -93,7 +116,21 @@ class ServeSettings(BaseModel):
     shutdown_ready_delay_s: float = Field(default=1.0, ge=0)
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     brief_backend: BriefBackend = BriefBackend.RULES
-    llm_model_dir: Path | None = None
+    llm_export_dir: Path | None = None
+    llm_warmup_steps: int = Field(default=1, ge=0)
+    llm_load_timeout_s: float = Field(default=300.0, gt=0)
+    llm_max_batch_size: int = Field(default=8, ge=1)
+    llm_batch_wait_ms: float = Field(default=10.0, ge=0)
+    llm_decoding: dict[BriefMode, GenerationSettings] = Field(default_factory=_default_llm_decoding)
+
+    def policy_store_dir(self) -> Path:
+        """The policy line's store: ``<export_dir>/policy`` if present, else ``export_dir``."""
+        nested = self.export_dir / POLICY_STORE
+        return nested if nested.is_dir() else self.export_dir
+
+    def brief_llm_store_dir(self) -> Path:
+        """The brief LLM line's store (``llm_export_dir``, else ``<export_dir>/brief_llm``)."""
+        return self.llm_export_dir or self.export_dir / BRIEF_LLM_STORE
 
     def resolved_admin_token(self) -> str | None:
         """The admin token: the environment first, then the config; empty means none."""
