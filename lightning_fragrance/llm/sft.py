@@ -136,6 +136,8 @@ class SFTSettings:
         patience: Validations without a new best `val/loss` before stopping.
         val_check_interval: Validate every this many training batches (or fraction of an epoch).
         max_steps: Hard cap on optimizer steps (-1: none); tests use a handful.
+        max_time: Hard cap on training time, Lightning's "DD:HH:MM:SS" (None: none); a
+            benchmark with a time bound uses it.
     """
 
     n_train: int = 4000
@@ -149,6 +151,7 @@ class SFTSettings:
     patience: int = 2
     val_check_interval: float | int = 0.5
     max_steps: int = -1
+    max_time: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ def run_sft(settings: SFTSettings, output_dir: str | Path) -> SFTResult:
         devices=1,
         max_epochs=settings.max_epochs,
         max_steps=settings.max_steps,
+        max_time=settings.max_time,
         val_check_interval=settings.val_check_interval,
         callbacks=[stopper, best],
         logger=False,
