@@ -133,6 +133,10 @@ class RollbackCheckpoint(Checkpoint):
         observers: Told about saves, rollbacks and errors, besides the logging observer that is
             always attached.
         fs: Optional fsspec filesystem; ``dirpath`` is then a path on it.
+        host_memory_budget: Host bytes the guard may hold in copies of the training state
+            (staged saves, the in-memory snapshot), per rank; None = one copy. Below one copy,
+            saves are written synchronously and rollbacks read the file (a warning with the
+            numbers says so). ``float("inf")`` restores the full pipeline (three copies).
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class RollbackCheckpoint(Checkpoint):
         overwrite: bool = False,
         observers: Iterable[CheckpointObserver] | None = None,
         fs: fsspec.AbstractFileSystem | None = None,
+        host_memory_budget: float | None = None,
     ) -> None:
         if save_every_n_steps < 1:
             raise ValueError(f"save_every_n_steps={save_every_n_steps} must be >= 1")
@@ -211,6 +216,7 @@ class RollbackCheckpoint(Checkpoint):
         # (Prometheus) is attached.
         self.observers = ObserverGroup([LoggingObserver(), *(observers or ())])
         self._fs = fs
+        self.host_memory_budget = host_memory_budget
         self.engine: RollbackOrchestrator | None = None
         self.evidence = LoggedEvidence(self.keys)
         self._loaded: Mapping[str, Any] | None = None
@@ -335,6 +341,7 @@ class RollbackCheckpoint(Checkpoint):
             keep_in_memory=self.keep_in_memory,
             dry_run=self.dry_run,
             barrier=lambda: trainer.strategy.barrier("rollback_checkpoint_flush"),
+            host_memory_budget=self.host_memory_budget,
         )
         if loaded:
             self.engine.load_state_dict(loaded)

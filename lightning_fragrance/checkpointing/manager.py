@@ -83,10 +83,12 @@ class _Nets:
         if self.value is not None and state.get("value_state_dict") is not None:
             self.value.load_state_dict(state["value_state_dict"])
         saved = state["optimizer_state_dict"]
-        if not (from_memory and copy_optimizer_state_(self.optimizer, saved)):
-            # Deep copy: Optimizer.load_state_dict aliases same-device tensors, so the next
-            # step would mutate the snapshot (research note §6.1).
-            self.optimizer.load_state_dict(copy.deepcopy(saved))
+        # Copied into the live moments whatever the source: no second copy of the optimizer
+        # state in memory (the guard's budget is one copy, issue 12 item 4).
+        if not copy_optimizer_state_(self.optimizer, saved):
+            # Deep copy of a snapshot: Optimizer.load_state_dict aliases same-device tensors,
+            # so the next step would mutate it (research note §6.1).
+            self.optimizer.load_state_dict(copy.deepcopy(saved) if from_memory else saved)
         self.optimizer.zero_grad(set_to_none=True)
         for net in (self.policy, self.value):
             if net is not None:
@@ -123,6 +125,9 @@ class CheckpointManager:
         read_only: Open an existing history without writing anything (a read-only filesystem,
             inspection, rolling back from it): list, load and rollback work, statuses and
             events stay in memory, `save_checkpoint` raises `CheckpointError`.
+        host_memory_budget: Host bytes the manager may hold in copies of the training state
+            (staged saves, the snapshot); None = one copy. Below one copy, saves are written
+            synchronously and rollbacks read the file (a warning says so, with the numbers).
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class CheckpointManager:
         overwrite: bool = False,
         run_id: str | None = None,
         read_only: bool = False,
+        host_memory_budget: float | None = None,
     ) -> None:
         if save_interval < 1:
             raise ValueError(f"save_interval={save_interval} must be >= 1")
@@ -163,6 +169,7 @@ class CheckpointManager:
             run_id=run_id,
             async_save=async_save,
             keep_in_memory=keep_in_memory,
+            host_memory_budget=host_memory_budget,
         )
         self.guard = self.engine.guard
         self.guard.ledger = self.store.records()  # a resumed history keeps its targets

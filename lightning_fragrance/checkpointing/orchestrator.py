@@ -22,6 +22,11 @@ import torch
 from lightning_fragrance.checkpointing.conditions import RollbackConditions
 from lightning_fragrance.checkpointing.errors import CheckpointCorruptError, RollbackBudgetExceeded
 from lightning_fragrance.checkpointing.guard import Observation, RollbackGuard
+from lightning_fragrance.checkpointing.memory_budget import (
+    HostMemoryPlan,
+    plan_host_memory,
+    state_nbytes,
+)
 from lightning_fragrance.checkpointing.observers import ObserverGroup
 from lightning_fragrance.checkpointing.records import (
     CheckpointRecord,
@@ -81,10 +86,21 @@ def format_rolled_back(record: CheckpointRecord) -> str:
     return "Rolled back to " + ", ".join(parts)
 
 
+def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """Whether every element is finite, as a 0-d tensor (no host sync). ``aminmax`` propagates
+    NaN and shows an Inf in its min or max: one allocation-free pass, where ``isfinite(t).all()``
+    builds a mask the size of the tensor (a quarter copy of the weights) and took 1.32 s against
+    0.04 s for 67 M floats here (most of a 2.4 GB save's blocking time before the change)."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor.detach())
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def non_finite_parameter(parameters: Iterable[torch.Tensor]) -> int | None:
-    """Index of the first parameter holding NaN or Inf, or None. One fused reduction per
-    tensor, no host sync until the end (a save is rare next to the steps it protects)."""
-    flags = [torch.isfinite(p.detach()).all() for p in parameters]
+    """Index of the first parameter holding NaN or Inf, or None. One reduction per tensor, no
+    host sync until the end (a save is rare next to the steps it protects)."""
+    flags = [_all_finite(p) for p in parameters]
     if not flags:
         return None
     finite = torch.stack(flags).cpu().tolist()
@@ -106,6 +122,9 @@ class RollbackOrchestrator:
         keep_in_memory: Keep the newest save in memory for instant rollbacks.
         dry_run: Judge and record, never restore.
         barrier: Called before reading a file that another rank may still be writing.
+        host_memory_budget: Host bytes the guard may hold in copies of the training state
+            (staged saves and the snapshot); None = one copy (`memory_budget`). Below one copy,
+            saves are written synchronously from the live state and there is no snapshot.
     """
 
     def __init__(
@@ -122,6 +141,7 @@ class RollbackOrchestrator:
         keep_in_memory: bool = True,
         dry_run: bool = False,
         barrier: Callable[[], None] | None = None,
+        host_memory_budget: float | None = None,
     ) -> None:
         if save_every < 1:
             raise ValueError(f"save_every={save_every} must be >= 1")
@@ -137,6 +157,9 @@ class RollbackOrchestrator:
         self.writer = (
             AsyncCheckpointWriter(store, [observers]) if is_writer and async_save else None
         )
+        self.async_save = async_save
+        self.host_memory_budget = host_memory_budget
+        self.memory_plan: HostMemoryPlan | None = None
         self.snapshot: Snapshot | None = None
         self.next_save = save_every
         self._staging = StagingPool()
@@ -259,10 +282,13 @@ class RollbackOrchestrator:
         # Into the ledger before capture: a Lightning checkpoint then lists its own entry in
         # the callback state it carries (research note §7.5).
         record = self.guard.record_save(step, values, initial=initial)
-        keep = self.snapshot.payload if self.snapshot is not None else None
-        staged, release = self._staging.stage(provider.capture(), keep=keep)
+        live = provider.capture()
+        plan = self._plan_memory(live)
+        if plan.staged_sets == 0:
+            return self._save_live(step, live, values, record, started)
+        staged, release = self._stage(live, plan)
         blocking = time.perf_counter() - started
-        if self.keep_in_memory:
+        if plan.snapshot:
             self.snapshot = Snapshot(step, staged)
         self.next_save = next_save_step(step, self.save_every)
         if not self.is_writer:
@@ -294,6 +320,64 @@ class RollbackOrchestrator:
             )
         finally:
             release()
+        return record
+
+    def _plan_memory(self, live: Mapping[str, Any]) -> HostMemoryPlan:
+        """The budget's plan for this save; a fallback is logged once, with the numbers."""
+        plan = plan_host_memory(
+            state_nbytes(live),
+            self.host_memory_budget,
+            async_save=self.async_save and self.is_writer,
+            keep_in_memory=self.keep_in_memory,
+        )
+        changed = self.memory_plan is None or self.memory_plan.fallback != plan.fallback
+        if plan.fallback and changed and self.is_writer:
+            log.warning(plan.fallback)
+        self.memory_plan = plan
+        return plan
+
+    def _stage(
+        self, live: Mapping[str, Any], plan: HostMemoryPlan
+    ) -> tuple[Any, Callable[[], None]]:
+        """Copy ``live`` into at most ``plan.staged_sets`` sets of CPU buffers."""
+        if plan.staged_sets < 3 and self.writer is not None:
+            # No queued set within this budget: the previous write must end before its
+            # buffers (or the one other set) are staged into.
+            self.writer.flush()
+        keep = None
+        if self.snapshot is not None:
+            if plan.staged_sets >= 2:
+                keep = self.snapshot.payload
+            else:  # one set: the snapshot's own buffers take this save (and stop being one)
+                self.snapshot = None
+        self._staging.max_sets = plan.staged_sets
+        return self._staging.stage(live, keep=keep)
+
+    def _save_live(
+        self,
+        step: int,
+        live: Mapping[str, Any],
+        values: Mapping[str, float],
+        record: CheckpointRecord,
+        started: float,
+    ) -> CheckpointRecord:
+        """Below one copy of the state: write from the live objects, on this thread."""
+        self.snapshot = None
+        self._staging = StagingPool()  # drop any buffers an earlier, larger budget kept
+        self.next_save = next_save_step(step, self.save_every)
+        if not self.is_writer:
+            return record
+        if self.writer is not None:
+            self.writer.flush()  # the history keeps its order: queued updates first
+        try:
+            committed = self.store.commit(
+                step, live, values, record.status, run_id=record.run_id, initial=record.initial
+            )
+        except Exception as err:
+            self.on_write_error(step, err)
+        else:
+            blocking = time.perf_counter() - started
+            self.observers.on_checkpoint_saved(step, committed.bytes, blocking, blocking)
         return record
 
     # ------------------------------------------------------------------ rollback
@@ -374,6 +458,11 @@ class RollbackOrchestrator:
         if not candidates:
             return None
         from_memory = self.snapshot is not None and self.snapshot.step == candidates[0].step
+        if not from_memory and self.memory_plan is not None and self.memory_plan.staged_sets < 3:
+            # Within a tight budget the file is read in place of the snapshot and the spare
+            # staging buffers, not beside them: they are not the preferred target.
+            self.snapshot = None
+            self._staging = StagingPool()
         if not from_memory:
             # Loading waits for pending writes; under DDP the writer flushes, then all read.
             self.flush()

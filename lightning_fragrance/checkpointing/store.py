@@ -45,6 +45,7 @@ log = logging.getLogger("lightning_fragrance.checkpointing")
 
 HISTORY_FILE = "checkpoint_history.json"
 TMP_SUFFIX = ".tmp"
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 class CheckpointStore:
@@ -506,14 +507,30 @@ class CheckpointStore:
             raise CheckpointCorruptError(
                 f"{record.file} (step {record.step}) is listed in {HISTORY_FILE} but missing"
             ) from err
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record.sha256 or len(data) != record.bytes:
+        self._check_digest(record, hashlib.sha256(data).hexdigest(), len(data))
+        return data
+
+    def _verify_streaming(self, record: CheckpointRecord) -> None:
+        """`_read_verified` for a local file, in chunks (nothing held in memory)."""
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(self.path(record.file), "rb") as handle:
+                while chunk := handle.read(HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError as err:
+            raise CheckpointCorruptError(
+                f"{record.file} (step {record.step}) is listed in {HISTORY_FILE} but missing"
+            ) from err
+        self._check_digest(record, digest.hexdigest(), size)
+
+    def _check_digest(self, record: CheckpointRecord, digest: str, size: int) -> None:
+        if digest != record.sha256 or size != record.bytes:
             raise CheckpointCorruptError(
                 f"{record.file} (step {record.step}) failed its integrity check: sha256 "
-                f"{digest[:12]}... with {len(data)} bytes, history expects "
+                f"{digest[:12]}... with {size} bytes, history expects "
                 f"{record.sha256[:12]}... with {record.bytes} bytes (truncated or bit-flipped)"
             )
-        return data
 
     def load(self, record: CheckpointRecord) -> dict[str, Any]:
         """Verify the sha256, then ``torch.load(weights_only=True)`` onto the CPU.
@@ -539,11 +556,21 @@ class CheckpointStore:
         return None
 
     def _read_safely(self, record: CheckpointRecord) -> dict[str, Any]:
-        data = self._read_verified(record)
+        if self._local:
+            # Hashed as a stream, then memory-mapped: the bytes and the tensors built from them
+            # would be two transient copies of the state (issue 12 item 4: the guard's host
+            # memory is one copy). Files are replaced by rename, never rewritten in place, so
+            # the verified file is the one mapped.
+            self._verify_streaming(record)
+            source: Any = self.path(record.file)
+        else:
+            source = io.BytesIO(self._read_verified(record))
         try:
             # weights_only: a file whose sha256 matches may still hold a pickle payload (the
             # history can be written by anyone with write access); never unpickle objects.
-            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            loaded = torch.load(
+                source, map_location="cpu", weights_only=True, mmap=True if self._local else None
+            )
         except Exception as err:
             raise CheckpointCorruptError(
                 f"{record.file} (step {record.step}) matches its sha256 but cannot be loaded "

@@ -86,6 +86,9 @@ class FabricRollbackGuard:
         resume: Continue the history already in ``dirpath`` (its checkpoints stay targets).
         overwrite: Start a new history in a directory holding another run's (set aside).
         run_id: This run's identity in the history (default: random; kept on resume).
+        host_memory_budget: Host bytes the guard may hold in copies of the training state
+            (staged saves, the in-memory snapshot), per rank; None = one copy. Below one copy,
+            saves are written synchronously and rollbacks read the file.
 
     Raises:
         CheckpointDirectoryError: ``dirpath`` holds another run's history (on every rank).
@@ -111,6 +114,7 @@ class FabricRollbackGuard:
         resume: bool = False,
         overwrite: bool = False,
         run_id: str | None = None,
+        host_memory_budget: float | None = None,
     ) -> None:
         if save_every_n_steps < 1:
             raise ValueError(f"save_every_n_steps={save_every_n_steps} must be >= 1")
@@ -132,6 +136,7 @@ class FabricRollbackGuard:
             keep_in_memory=keep_in_memory,
             dry_run=dry_run,
             barrier=fabric.barrier,
+            host_memory_budget=host_memory_budget,
         )
         if resume:  # a resumed history keeps its targets and its save schedule
             self.engine.guard.ledger = store.records()

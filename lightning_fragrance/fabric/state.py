@@ -83,7 +83,7 @@ class FabricState:
             if isinstance(obj, nn.Module):
                 strategy.load_module_state_dict(obj, saved, strict=True)  # copies into params
             elif isinstance(obj, torch.optim.Optimizer):
-                if not (from_memory and copy_optimizer_state_(obj, saved)):
+                if not copy_optimizer_state_(obj, saved):  # in place: no second copy
                     # Optimizer.load_state_dict keeps same-device tensors by reference: the next
                     # step would mutate the snapshot (research note §6.1).
                     obj.load_state_dict(copy.deepcopy(saved) if from_memory else saved)

@@ -8,6 +8,7 @@ stand-in filesystem), so "a write is in flight" is a fact of the test, not a rac
 from __future__ import annotations
 
 import errno
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -294,7 +295,11 @@ def test_pipelined_saves_with_reused_staging_buffers_each_write_their_own_step(
     """Saves keep coming while earlier ones are still being written, and staging buffers are
     recycled: every file must still hold the state of its own step, and the in-memory snapshot
     must still hold the newest one."""
-    manager = CheckpointManager(ROOT, save_interval=5, max_checkpoints=10, fs=fs, observers=[])
+    # An unbounded host-memory budget: the full pipeline (snapshot, one set being written, one
+    # queued). The default budget, one copy, makes each save wait for the previous write.
+    manager = CheckpointManager(
+        ROOT, save_interval=5, max_checkpoints=10, fs=fs, observers=[], host_memory_budget=math.inf
+    )
     policy, value, optimizer = _nets()
     weights_at: dict[int, torch.Tensor] = {}
 
