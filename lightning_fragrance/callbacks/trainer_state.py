@@ -95,9 +95,10 @@ class TrainerState:
     def _restore_optimizers(self, checkpoint: dict[str, Any], from_memory: bool) -> None:
         trainer, strategy = self.trainer, self.trainer.strategy
         states = checkpoint["optimizer_states"]
+        # In place from a file too: loading a file's moments would otherwise allocate a second
+        # copy of the optimizer state beside the live one (the guard's host budget is one copy).
         in_place = (
-            from_memory
-            and isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+            isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
             and len(states) == len(trainer.optimizers)
             and all(
                 copy_optimizer_state_(optimizer, saved)

@@ -91,7 +91,9 @@ def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
     NaN and shows an Inf in its min or max: one allocation-free pass, where ``isfinite(t).all()``
     builds a mask the size of the tensor (a quarter copy of the weights) and took 1.32 s against
     0.04 s for 67 M floats here (most of a 2.4 GB save's blocking time before the change)."""
-    if tensor.numel() == 0:
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    if tensor.numel() == 0 or not tensor.is_floating_point():  # integers are always finite
         return torch.ones((), dtype=torch.bool, device=tensor.device)
     low, high = torch.aminmax(tensor.detach())
     return torch.isfinite(low) & torch.isfinite(high)
