@@ -20,6 +20,7 @@ in-memory snapshot of the same step.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import uuid
@@ -31,6 +32,7 @@ import fsspec
 import torch
 from lightning.fabric import Fabric
 
+from lightning_fragrance.callbacks.trainer_state import scale_learning_rates
 from lightning_fragrance.checkpointing import (
     CheckpointDirectoryError,
     CheckpointObserver,
@@ -46,6 +48,7 @@ from lightning_fragrance.checkpointing import (
     agreement,
     next_save_step,
 )
+from lightning_fragrance.checkpointing.rng import reseed as reseed_generators
 from lightning_fragrance.checkpointing.triggers import GRAD_NORM, KL, LOSS, REWARD
 from lightning_fragrance.fabric.state import FabricState
 
@@ -89,6 +92,10 @@ class FabricRollbackGuard:
         host_memory_budget: Host bytes the guard may hold in copies of the training state
             (staged saves, the in-memory snapshot), per rank; None = one copy. Below one copy,
             saves are written synchronously and rollbacks read the file.
+        lr_factor: After each rollback, multiply the learning rate of every optimizer in the
+            state (and the ``base_lrs`` of its schedulers, so schedules do not undo it) by this.
+        reseed: After each rollback, reseed torch/numpy/python (per rank) so the restored run
+            does not replay the same random draws into the same divergence.
 
     Raises:
         CheckpointDirectoryError: ``dirpath`` holds another run's history (on every rank).
@@ -115,9 +122,14 @@ class FabricRollbackGuard:
         overwrite: bool = False,
         run_id: str | None = None,
         host_memory_budget: float | None = None,
+        lr_factor: float = 1.0,
+        reseed: bool = False,
     ) -> None:
         if save_every_n_steps < 1:
             raise ValueError(f"save_every_n_steps={save_every_n_steps} must be >= 1")
+        if not lr_factor > 0:
+            raise ValueError(f"lr_factor={lr_factor} must be > 0")
+        self.lr_factor, self.reseed = lr_factor, reseed
         self.fabric = fabric
         self.conditions = rollback_conditions or RollbackConditions()
         self.keys = {LOSS: loss_key, REWARD: reward_key, KL: kl_key}
@@ -213,7 +225,24 @@ class FabricRollbackGuard:
             log.info("No start() call: the state at step %d is this run's first target.", step)
             self.start(state, step)
         readings = self._agree(self._readings(step, metrics))
-        return self.engine.step(step, readings, FabricState(self.fabric, state))
+        provider = FabricState(self.fabric, state)
+        return self.engine.step(step, readings, provider, lambda: self._remedies(step, provider))
+
+    def _remedies(self, step: int, provider: FabricState) -> dict[str, Any]:
+        """Applied on every rank right after a restore; recorded with the rollback event."""
+        applied: dict[str, Any] = {}
+        if self.lr_factor != 1.0:
+            scale_learning_rates(
+                provider.optimizers(),
+                [_Scheduled(s) for s in provider.schedulers()],
+                self.lr_factor,
+            )
+            applied["lr_factor"] = self.lr_factor
+        if self.reseed:
+            seed = step * 1_000_003 + self.rollback_count * 7919 + self.fabric.global_rank
+            reseed_generators(seed)
+            applied["reseed"] = seed % (2**32)
+        return applied
 
     def _readings(self, step: int, metrics: Mapping[str, MetricValue]) -> dict[str, Reading]:
         readings: dict[str, Reading] = {}
@@ -292,6 +321,13 @@ class FabricRollbackGuard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclasses.dataclass
+class _Scheduled:
+    """The one attribute `scale_learning_rates` reads of a Trainer's scheduler config."""
+
+    scheduler: Any
 
 
 def _close_at_exit(guard: FabricRollbackGuard) -> Any:

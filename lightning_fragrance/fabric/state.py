@@ -99,6 +99,18 @@ class FabricState:
         for module in self._modules():
             module.zero_grad(set_to_none=True)
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers in the state (unwrapped)."""
+        return [o for o in self._objects().values() if isinstance(o, torch.optim.Optimizer)]
+
+    def schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler]:
+        """The LR schedulers in the state."""
+        return [
+            o
+            for o in self._objects().values()
+            if isinstance(o, torch.optim.lr_scheduler.LRScheduler)
+        ]
+
     def _modules(self) -> Iterator[nn.Module]:
         return (obj for obj in self._objects().values() if isinstance(obj, nn.Module))
 

@@ -148,3 +148,26 @@ def test_another_runs_directory_is_refused_with_the_ways_out(
     assert resumed.start(state) is None  # the run's initial state is already a target
     assert resumed.store.run_id == first.store.run_id
     resumed.close()
+
+
+def test_remedies_scale_the_restored_learning_rates_and_reseed_after_a_rollback(
+    fabric: Fabric, tmp_path: Path
+) -> None:
+    state = _loop_objects(fabric)
+    guard = FabricRollbackGuard(
+        fabric, tmp_path, save_every_n_steps=SAVE_EVERY, lr_factor=0.5, reseed=True
+    )
+    guard.start(state)
+    lr_at_save = base_lr = 0.0
+    for step in range(1, 5):
+        outcome = guard.step(step, _metrics(_update(fabric, state)), state)
+        if outcome.saved is not None and outcome.saved.step == SAVE_EVERY:
+            lr_at_save = state["optimizer"].param_groups[0]["lr"]
+            base_lr = state["scheduler"].base_lrs[0]
+    _update(fabric, state)
+    assert guard.step(5, _metrics(1e6), state).restored is not None
+    assert state["optimizer"].param_groups[0]["lr"] == pytest.approx(lr_at_save * 0.5)
+    assert state["scheduler"].base_lrs[0] == pytest.approx(base_lr * 0.5)
+    event = guard.rollback_events[-1]
+    assert event["lr_factor"] == 0.5 and isinstance(event["reseed"], int)
+    guard.close()
