@@ -155,6 +155,13 @@ _KO_NOT_SWEET = ("너무 달지 않게", "달지 않은", "단 향은 빼고")
 # Sentence frames; {body} is the joined clauses. The last two of each language are held out.
 _EN_FRAMES = (
     "I want {body}.",
+    "Hi! I'm looking for {body}.",
+    "{body}",
+    "Make me a perfume: {body}.",
+    "Do you have anything {body}?",
+    "I need a gift, {body}.",
+    "Here is what I like: {body}.",
+    "Hello, {body} please",
     "Looking for a perfume: {body}.",
     "Can you make something {body}?",
     "{body}, please.",
@@ -167,6 +174,13 @@ _EN_FRAMES = (
 )
 _KO_FRAMES = (
     "{body} 향수 만들어 주세요.",
+    "안녕하세요, {body} 향수 있을까요?",
+    "{body}",
+    "선물하려고 하는데 {body} 향으로 해 주세요.",
+    "{body} 향이 좋아요.",
+    "저는 {body} 느낌을 좋아해요.",
+    "{body} 향수로 부탁해요",
+    "혹시 {body} 향수 가능할까요?",
     "{body} 향을 원해요.",
     "{body} 향수를 찾고 있어요.",
     "{body}, 부탁해요.",
@@ -178,6 +192,24 @@ _KO_FRAMES = (
     "{body} 향수 하나 부탁드려요!",
 )
 _HELDOUT_FRAMES = 2
+# Small talk around the request (no brief content): the model learns to read the clauses
+# wherever they sit, not a fixed sentence shape.
+_EN_FILLERS = (
+    "Thanks!",
+    "It's a gift for my sister.",
+    "I work in an office.",
+    "Budget is not an issue.",
+    "I usually wear it every day.",
+    "Thank you so much.",
+)
+_KO_FILLERS = (
+    "감사합니다!",
+    "선물용이에요.",
+    "회사에 뿌리고 다닐 거예요.",
+    "가격은 상관없어요.",
+    "매일 쓸 거예요.",
+    "잘 부탁드립니다.",
+)
 _EN_JOINERS = (", ", " and ", "; ", ", also ")
 _KO_JOINERS = (", ", " 그리고 ", ", 또 ", " + ")
 
@@ -298,6 +330,11 @@ def generate_example(rng: random.Random, split: Split = Split.TRAIN) -> Labelled
     for clause in clauses[1:]:
         body += rng.choice(joiners) + clause
     text = rng.choice(_frames(language, split)).format(body=body)
+    fillers = _EN_FILLERS if language is Language.EN else _KO_FILLERS
+    if rng.random() < 0.25:
+        text = f"{rng.choice(fillers)} {text}"
+    if rng.random() < 0.25:
+        text = f"{text} {rng.choice(fillers)}"
     return LabelledText(text=text, brief=intent.to_brief(), language=language)
 
 
