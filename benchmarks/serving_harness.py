@@ -9,6 +9,7 @@ import asyncio
 import statistics
 import subprocess
 import time
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class Server(ServeProcess):
 
 def start_ours(export_dir: Path, token: str = "bench-token", **overrides: object) -> ServeProcess:
     """``lf-serve`` on a free loopback port (the launcher the demo and the tests use)."""
-    settings: dict[str, object] = {"log_level": "WARNING", **overrides}
+    settings: dict[str, Any] = {"log_level": "WARNING", **overrides}
     return start_lf_serve(export_dir, token=token, cwd=REPO, own_group=True, **settings)
 
 

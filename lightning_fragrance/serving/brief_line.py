@@ -234,11 +234,15 @@ class BriefLLMLine:
         """
         lease_cm = self.manager.lease()
         lease = lease_cm.__enter__()
+        version = lease.version
         try:
             inner = lease.model.batcher.submit(user_text, mode)
         except BaseException as exc:
             lease_cm.__exit__(type(exc), exc, exc.__traceback__)
             raise
+        # `finish` holds the version's name, never the model: once the lease is given back
+        # nothing here keeps a retired model alive (or its stop would need a full GC pass).
+        del lease
         outer: Future[tuple[str, str]] = Future()
 
         def finish(done: Future[str]) -> None:
@@ -254,7 +258,7 @@ class BriefLLMLine:
             if error is not None:
                 outer.set_exception(error)
             else:
-                outer.set_result((done.result(), lease.version))
+                outer.set_result((done.result(), version))
 
         inner.add_done_callback(finish)
         return outer

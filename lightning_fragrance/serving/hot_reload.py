@@ -893,11 +893,11 @@ class HotReloadManager(Generic[M]):
 
     def _stop(self, worker: Worker[M]) -> None:
         worker.status = WorkerStatus.STOPPED
-        close = getattr(worker.model, "close", None)
-        if callable(close):
+        if callable(getattr(worker.model, "close", None)):
             # A model with threads of its own (the brief LLM's batcher) lets them end, or they
-            # would keep the retired model alive.
-            close()
+            # would keep the retired model alive. (No bound method kept in a local: it would
+            # hold the model past the survivor check below and cost a full GC pass.)
+            worker.model.close()  # type: ignore[union-attr]
         survivor = _weak(worker.model)
         worker.model = None
         with self._lock:

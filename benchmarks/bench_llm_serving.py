@@ -1,0 +1,360 @@
+"""The brief LLM line of lf-serve: latency per mode, batching, reload under load, memory.
+
+Claims (issue 11, serving figures), on a tiny random Qwen2 export and on a random-weight one of
+>= 100 MB in the same Hugging Face format (``serving.random_brief_model``):
+1. p95 of ``/dna/create`` per mode with 8 concurrent clients within the operations guide's
+   objectives (fast 2.5 s, balanced 3.2 s, creative 4.5 s).
+2. Batched generation answers >= 2x the requests per second of one-at-a-time ``generate`` on
+   the same model (the anchor: what ``LLMBriefGenerator`` did, one call per request under a
+   lock), with identical greedy answers.
+3. Reloads of the brief model under load: 0 non-2xx across >= 10 reloads, p99 inside reload
+   windows <= 2x the steady p99 of the same run, and the switch time.
+4. Peak RSS above the process baseline during a reload <= 2.2x the increase of one model
+   resident (large model).
+
+Method:
+1.   ``lf-serve brief_backend=llm`` (one worker, loopback); per mode, 8 keep-alive clients for
+     ``MODE_SECONDS`` after a warm-up; p95 of the 200 answers.
+2.   In this process, on the served export: ``BATCH_TEXTS`` texts in fast (greedy) mode, once
+     as batches of 8 through ``BriefLLMModel.generate_batch``, once one ``generate`` per text;
+     requests per second of each.
+3.   The same server; 8 clients in fast mode; periods without and with back-to-back admin
+     reloads of the brief line (``{"model": "brief_llm"}``, alternating two exports) alternate;
+     the admin client is a process of its own. A request is "inside" when its lifetime
+     overlaps a reload's [started_at, finished_at] (as ``bench_reload.py``).
+4.   In this process: a ``BriefLLMLine`` over the large exports; one model's increase = RSS
+     above the pre-load baseline after reload 1 (the first load pays one-time costs); peak =
+     VmHWM (reset through /proc/self/clear_refs before each reload) above the same baseline.
+
+Run: ``python benchmarks/bench_llm_serving.py`` (about 3 minutes; ``tiny`` or ``large`` alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing.queues import Queue
+from pathlib import Path
+
+import aiohttp
+import httpx
+from serving_harness import TEXTS, LoadResult, start_ours, train_checkpoints
+
+from lightning_fragrance.llm.model import BriefModelSize
+from lightning_fragrance.monitoring import BriefMode
+from lightning_fragrance.serving.loading import export
+from lightning_fragrance.serving.random_brief_model import (
+    LARGE_SIZE,
+    TINY_SIZE,
+    export_random_brief_models,
+)
+
+TOKEN = "bench-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CLIENTS = 8
+WARMUP_S = 1.0
+TARGET_P95_S = {BriefMode.FAST: 2.5, BriefMode.BALANCED: 3.2, BriefMode.CREATIVE: 4.5}
+TARGET_THROUGHPUT_RATIO = 2.0
+TARGET_P99_RATIO = 2.0
+TARGET_PEAK_RATIO = 2.2
+MIN_RELOADS = 10
+BATCH_TEXTS = 8
+
+
+# ----------------------------------------------------------------------------- load
+
+
+async def _load(url: str, mode: BriefMode, seconds: float, warmup: float) -> LoadResult:
+    result = LoadResult()
+    stop_at = time.monotonic() + warmup + seconds
+    measure_from = time.monotonic() + warmup
+
+    async def client(index: int) -> None:
+        connector = aiohttp.TCPConnector(limit=1)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            n = index
+            while (now := time.monotonic()) < stop_at:
+                body = {"user_text": TEXTS[n % len(TEXTS)], "mode": mode.value}
+                n += 1
+                try:
+                    async with session.post(url + "/dna/create", json=body) as response:
+                        await response.read()
+                        status = response.status
+                except aiohttp.ClientError:
+                    if now >= measure_from:
+                        result.errors += 1
+                    continue
+                latency = time.monotonic() - now
+                if now >= measure_from:
+                    result.statuses[status] = result.statuses.get(status, 0) + 1
+                    if status == 200:
+                        result.latencies.append(latency)
+                        result.stamps.append((now, latency))
+
+    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+    result.seconds = seconds
+    return result
+
+
+def mode_latency_part(url: str, seconds: float) -> None:
+    for mode in BriefMode:
+        load = asyncio.run(_load(url, mode, seconds, WARMUP_S))
+        failures = sum(n for s, n in load.statuses.items() if s != 200) + load.errors
+        p95 = load.p(0.95)
+        target = TARGET_P95_S[mode]
+        print(
+            f"  {mode.value:9s} p95 {p95:6.3f} s (target <= {target:.1f} s, "
+            f"{'ok' if p95 <= target else 'MISSED'}), p50 {load.p50:6.3f} s, "
+            f"{load.rps:5.1f} req/s, non-200 {failures}"
+        )
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def throughput_part(version_dir: Path, max_new_tokens: int) -> None:
+    import torch
+
+    from lightning_fragrance.llm.export import load_brief_export
+    from lightning_fragrance.serving.brief import GenerationSettings
+    from lightning_fragrance.serving.brief_line import DEFAULT_LLM_DECODING, BriefLLMModel
+
+    torch.set_num_threads(1)  # as lf-serve (torch_threads=1)
+    decoding = dict(DEFAULT_LLM_DECODING)
+    decoding[BriefMode.FAST] = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
+    model = BriefLLMModel(load_brief_export(version_dir), decoding)
+    texts = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(BATCH_TEXTS)]
+    model.generate_batch(texts[:2], BriefMode.FAST)  # one-time costs outside the timing
+    start = time.perf_counter()
+    batched = [
+        answer
+        for i in range(0, len(texts), CLIENTS)
+        for answer in model.generate_batch(texts[i : i + CLIENTS], BriefMode.FAST)
+    ]
+    batched_s = time.perf_counter() - start
+    start = time.perf_counter()
+    single = [model.generate_batch([text], BriefMode.FAST)[0] for text in texts]
+    single_s = time.perf_counter() - start
+    ours, anchor = len(texts) / batched_s, len(texts) / single_s
+    print(f"  ({len(texts)} texts, greedy, {max_new_tokens} new tokens at most)")
+    print(f"  ours   batched generate (batches of {CLIENTS}): {ours:7.2f} req/s")
+    print(f"  anchor one-at-a-time generate:             {anchor:7.2f} req/s")
+    print(
+        f"  ratio: {ours / anchor:.2f}x (target >= {TARGET_THROUGHPUT_RATIO:.1f}x); greedy "
+        f"answers identical: {batched == single}"
+    )
+    model.close()
+
+
+# ----------------------------------------------------------------------------- reloads
+
+
+async def _reload_loop(url: str, versions: list[str], until: float) -> list[dict[str, object]]:
+    records: list[dict[str, object]] = []
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as admin:
+        index = 0
+        while time.monotonic() < until:
+            body = {"model": "brief_llm", "version": versions[index % len(versions)]}
+            index += 1
+            response = await admin.post("/admin/model/reload", json=body)
+            if response.status_code != 202:
+                await asyncio.sleep(0.05)
+                continue
+            reload_id = response.json()["reload_id"]
+            while True:
+                record = (await admin.get(f"/admin/model/reload/{reload_id}")).json()
+                if record["finished_at"] is not None:
+                    records.append(record)
+                    break
+                await asyncio.sleep(0.02)
+    return records
+
+
+def _reload_process(
+    url: str, versions: list[str], periods: list[tuple[float, float]], out: Queue[object]
+) -> None:
+    records: list[dict[str, object]] = []
+    for start, end in periods:
+        time.sleep(max(0.0, start - time.monotonic()))
+        records += asyncio.run(_reload_loop(url, versions, end))
+    out.put(records)
+
+
+def _p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else float("nan")
+
+
+def reload_part(url: str, versions: list[str], period_s: float, rounds: int) -> None:
+    measure_from = time.monotonic() + WARMUP_S
+    periods = [
+        (measure_from + k * period_s, measure_from + (k + 1) * period_s) for k in range(2 * rounds)
+    ]
+    context = multiprocessing.get_context("fork")
+    queue: Queue[object] = context.Queue()
+    admin = context.Process(
+        target=_reload_process, args=(url, versions[::-1], periods[1::2], queue)
+    )
+    admin.start()
+    load = asyncio.run(_load(url, BriefMode.FAST, 2 * rounds * period_s, WARMUP_S))
+    records: list[dict[str, object]] = queue.get(timeout=300)  # type: ignore[assignment]
+    admin.join(30)
+    offset = time.time() - time.monotonic()
+    windows = [
+        (float(r["started_at"]) - offset, float(r["finished_at"]) - offset)  # type: ignore[arg-type]
+        for r in records
+    ]
+    inside: list[float] = []
+    steady: list[float] = []
+    for start, latency in load.stamps:
+        end = start + latency
+        if any(s <= end and start <= e for s, e in windows):
+            inside.append(latency)
+        elif any(s <= start and end <= e for s, e in periods[0::2]):
+            steady.append(latency)
+    switches = [float(r["switch_seconds"]) for r in records if r["switch_seconds"] is not None]  # type: ignore[arg-type]
+    results = sorted({str(r["result"]) for r in records})
+    failures = sum(n for s, n in load.statuses.items() if s != 200) + load.errors
+    print(
+        f"  reloads during load: {len(records)} (results {results}; target >= {MIN_RELOADS}), "
+        f"non-2xx answers: {failures} of {sum(load.statuses.values()) + load.errors}"
+    )
+    print(f"  requests: steady {len(steady)}, inside reload windows {len(inside)}")
+    print(f"  ours   p99 inside reload windows: {_p99(inside) * 1e3:8.1f} ms")
+    print(f"  anchor p99 steady state:          {_p99(steady) * 1e3:8.1f} ms")
+    print(f"  ratio: {_p99(inside) / _p99(steady):.2f}x (target <= {TARGET_P99_RATIO:.1f}x)")
+    if switches:
+        print(
+            f"  switch (reference swap): median {statistics.median(switches) * 1e6:.1f} us, "
+            f"max {max(switches) * 1e6:.1f} us"
+        )
+    phases: dict[str, list[float]] = {}
+    for record in records:
+        for phase, seconds in dict(record["phase_seconds"]).items():  # type: ignore[call-overload]
+            phases.setdefault(phase, []).append(float(seconds))
+    print(
+        "  reload phases (median): "
+        + ", ".join(f"{p} {statistics.median(v) * 1e3:.0f} ms" for p, v in phases.items())
+    )
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+
+def memory_part(store: Path, reloads: int) -> None:
+    from lightning_fragrance.serving.brief_line import (
+        DEFAULT_LLM_DECODING,
+        BriefLLMLine,
+        BriefLLMSettings,
+    )
+    from lightning_fragrance.serving.hot_reload import release_memory
+    from lightning_fragrance.serving.loading import ExportStore
+
+    versions = ExportStore(store).complete_versions()
+    line = BriefLLMLine(ExportStore(store), BriefLLMSettings(decoding=DEFAULT_LLM_DECODING))
+    release_memory()
+    baseline = _status_bytes("VmRSS")
+    line.sync.start()
+    first = _status_bytes("VmRSS") - baseline
+    peaks, after = [], []
+    for index in range(reloads):
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        assert line.manager.reload(versions[(index + 1) % len(versions)])
+        peaks.append(_status_bytes("VmHWM") - baseline)
+        after.append(_status_bytes("VmRSS") - baseline)
+    one = after[0]
+    print(f"  RSS above baseline: first load {first / 2**20:.1f} MB (one-time costs included)")
+    print(f"  ours   peak RSS above baseline during a reload: {max(peaks) / 2**20:7.1f} MB")
+    print(f"  anchor one model resident (after reload 1):     {one / 2**20:7.1f} MB")
+    print(f"  ratio: {max(peaks) / one:.2f}x (target <= {TARGET_PEAK_RATIO:.1f}x)")
+    print(f"  RSS above baseline after reload {reloads}: {after[-1] / 2**20:.1f} MB")
+    line.manager.shutdown()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run_model(
+    label: str,
+    size: BriefModelSize,
+    work: Path,
+    checkpoint: Path,
+    *,
+    mode_seconds: float,
+    period_s: float,
+    rounds: int,
+    throughput_tokens: int,
+    memory_reloads: int,
+) -> None:
+    root = work / f"exports-{label}"
+    export(checkpoint, root, make_current=True)
+    dirs = export_random_brief_models(root, size=size, seeds=(1, 2))
+    size_bytes = (dirs[0] / "model.safetensors").stat().st_size
+    print(
+        f"\n== {label}: random Qwen2 brief model, {size_bytes / 1e6:.1f} MB "
+        f"({size_bytes / 2**20:.1f} MiB) of safetensors =="
+    )
+    server = start_ours(
+        root,
+        token=TOKEN,
+        brief_backend="llm",
+        warmup_steps=2,
+        drain_timeout_s=120.0,
+        request_timeout_s=120.0,
+    )
+    try:
+        server.wait_ready("/ready", timeout=240)
+        print(f"1. p95 per mode, {CLIENTS} clients, {mode_seconds:.0f} s each:")
+        mode_latency_part(server.url, mode_seconds)
+        print(f"3. brief model reloads under load ({rounds} x {period_s:.0f} s reloading):")
+        reload_part(server.url, [d.name for d in dirs], period_s, rounds)
+    finally:
+        server.stop()
+    print("2. batched vs one-at-a-time generate (in this process):")
+    throughput_part(dirs[0], throughput_tokens)
+    if memory_reloads:
+        print(f"4. memory across {memory_reloads} reloads (in this process):")
+        memory_part(root / "brief_llm", memory_reloads)
+
+
+def main(parts: list[str]) -> int:
+    """Run the model sizes named on the command line (default: tiny and large)."""
+    parts = parts or ["tiny", "large"]
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="bench-llm-serving-"))
+    checkpoint = train_checkpoints(work / "ckpts", steps=1)[-1]
+    # Sized to end within 3 minutes on 2 shared cores. A batch of the large model takes
+    # seconds (so its modes get 8 s each: the first batch, started before the warm-up ended,
+    # is not counted), a reload drains such a batch (one reloading period: fewer than 10
+    # reloads fit; the tiny model shows >= 10), and its throughput comparison generates 24
+    # tokens (the ratio, not the length, is the figure).
+    if "tiny" in parts:
+        run_model(
+            "tiny", TINY_SIZE, work, checkpoint,
+            mode_seconds=3.0, period_s=5.0, rounds=2, throughput_tokens=96, memory_reloads=2,
+        )  # fmt: skip
+    if "large" in parts:
+        run_model(
+            "large", LARGE_SIZE, work, checkpoint,
+            mode_seconds=8.0, period_s=12.0, rounds=1, throughput_tokens=24, memory_reloads=2,
+        )  # fmt: skip
+    print(f"\ntotal {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main(sys.argv[1:]))
