@@ -9,9 +9,9 @@ import asyncio
 import statistics
 import subprocess
 import time
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
