@@ -31,6 +31,7 @@ from typing import Any
 import fsspec
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_fragrance.callbacks.trainer_state import scale_learning_rates
 from lightning_fragrance.checkpointing import (
@@ -129,6 +130,7 @@ class FabricRollbackGuard:
             raise ValueError(f"save_every_n_steps={save_every_n_steps} must be >= 1")
         if not lr_factor > 0:
             raise ValueError(f"lr_factor={lr_factor} must be > 0")
+        _refuse_sharded(fabric)
         self.lr_factor, self.reseed = lr_factor, reseed
         self.fabric = fabric
         self.conditions = rollback_conditions or RollbackConditions()
@@ -321,6 +323,20 @@ class FabricRollbackGuard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refuse_sharded(fabric: Fabric) -> None:
+    """Sharded strategies hold DTensor shards that a full-state save would gather or mangle:
+    refuse them before training, with the way out (before any collective, so every rank raises
+    the same error instead of hanging)."""
+    strategy = fabric.strategy
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
+        raise NotImplementedError(
+            f"FabricRollbackGuard saves the full training state from rank 0 and does not support "
+            f"{type(strategy).__name__} yet (sharded checkpoints through "
+            "torch.distributed.checkpoint are planned, issue 12 item 2). Use strategy='ddp' or a "
+            "single device, or checkpoint sharded runs with fabric.save."
+        )
 
 
 @dataclasses.dataclass

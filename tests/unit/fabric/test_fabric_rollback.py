@@ -171,3 +171,12 @@ def test_remedies_scale_the_restored_learning_rates_and_reseed_after_a_rollback(
     event = guard.rollback_events[-1]
     assert event["lr_factor"] == 0.5 and isinstance(event["reseed"], int)
     guard.close()
+
+
+def test_a_sharded_strategy_is_refused_before_training_with_the_way_out(tmp_path: Path) -> None:
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(parallelize_fn=lambda model, mesh: model)
+    fabric = Fabric(accelerator="cpu", devices=1, strategy=strategy)
+    with pytest.raises(NotImplementedError, match="strategy='ddp'"):
+        FabricRollbackGuard(fabric, tmp_path)
