@@ -51,6 +51,7 @@ from lightning_fragrance.monitoring.metrics import (
     MetricGroup,
     MetricSpec,
     MetricType,
+    ModelLine,
     ModelRole,
     ReloadPhase,
     ReloadResult,
@@ -238,6 +239,7 @@ class OperationsMetricsCollector:
         self._algorithms = _LabelBudget("algorithm", 16)
         self._versions = _LabelBudget("version", max_versions)
         self._model_roles: dict[str, str] = {}
+        self._line_roles: dict[tuple[str, str], str] = {}
         for item in specs(self.groups):
             if not item.dynamic_labels:
                 self._metrics[item.name] = self._create(item)
@@ -300,6 +302,11 @@ class OperationsMetricsCollector:
             for action in DrainTimeoutAction:
                 self._child("model_reload_drain_timeout_requests_total", (action.value,))
             self._metric("model_reload_abandoned_loads_total")
+            for line in _MODEL_LINES:
+                for reload_result in ReloadResult:
+                    self._child("model_line_reload_total", (line, reload_result.value))
+                for reload_phase in RELOAD_TIMED_PHASES:
+                    self._child("model_line_reload_phase_seconds", (line, reload_phase.value))
         if MetricGroup.LOGGER in self.groups:
             self._metric("rl_logger_push_errors_total")
 
@@ -639,6 +646,47 @@ class OperationsMetricsCollector:
             self._model_roles[version] = role_value
         self._child("model_info", (role_value, version)).set(1)
 
+    def record_line_reload(self, model: str | ModelLine, result: str | ReloadResult) -> None:
+        """Count one reload of model line ``model`` in ``model_line_reload_total``."""
+        labels = (_choice("model", model, _MODEL_LINES), _choice("result", result, _RELOAD_RESULTS))
+        self._child("model_line_reload_total", labels).inc()
+
+    def record_line_reload_phase(
+        self, model: str | ModelLine, phase: str | ReloadPhase, seconds: float
+    ) -> None:
+        """Observe one reload phase of line ``model`` (``model_line_reload_phase_seconds``)."""
+        labels = (_choice("model", model, _MODEL_LINES), _choice("phase", phase, _RELOAD_PHASES))
+        self._child("model_line_reload_phase_seconds", labels).observe(
+            _finite("seconds", seconds, non_negative=True)
+        )
+
+    def set_line_version(
+        self, model: str | ModelLine, version: str, role: str | ModelRole = ModelRole.CURRENT
+    ) -> None:
+        """Mark ``version`` of model line ``model`` as holding ``role`` (``model_line_info``);
+        its other role in that line (if any) drops to 0."""
+        line = _choice("model", model, _MODEL_LINES)
+        role_value = _choice("role", role, _MODEL_ROLES)
+        if not _VERSION_RE.match(version):
+            raise ValueError(
+                f"version {version!r} must be 1-128 characters of letters, digits, '.', '_', '-'"
+            )
+        with self._lock:
+            self._versions.admit(version)
+            previous = self._line_roles.get((line, version))
+            if previous is not None and previous != role_value:
+                self._child("model_line_info", (line, previous, version)).set(0)
+            self._line_roles[(line, version)] = role_value
+        self._child("model_line_info", (line, role_value, version)).set(1)
+
+    def retire_line_version(self, model: str | ModelLine, version: str) -> None:
+        """``version`` left model line ``model`` in this process: its series stay, at 0."""
+        line = _choice("model", model, _MODEL_LINES)
+        with self._lock:
+            role = self._line_roles.pop((line, version), None)
+        if role is not None:
+            self._child("model_line_info", (line, role, version)).set(0)
+
     def retire_model_version(self, version: str) -> None:
         """The version left this process: its series stay, at 0 (multiprocess cannot remove)."""
         with self._lock:
@@ -741,4 +789,5 @@ _ROLLBACK_REASONS = _enum_values(RollbackReason)
 _RELOAD_RESULTS = _enum_values(ReloadResult)
 _RELOAD_PHASES = tuple(phase.value for phase in RELOAD_TIMED_PHASES)
 _MODEL_ROLES = _enum_values(ModelRole)
+_MODEL_LINES = _enum_values(ModelLine)
 _DRAIN_ACTIONS = _enum_values(DrainTimeoutAction)

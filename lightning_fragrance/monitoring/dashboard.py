@@ -367,6 +367,31 @@ SECTIONS: Sequence[tuple[str, Sequence[Panel]]] = (
                 [Query("max by (role, version) (model_info)", "", instant=True)],
                 kind="table",
             ),
+            Panel(
+                "Model versions per line (policy, brief LLM)",
+                [Query("max by (model, role, version) (model_line_info)", "", instant=True)],
+                kind="table",
+            ),
+            Panel(
+                "Reloads per line by result",
+                [
+                    Query(
+                        f"sum by (model, result) (increase(model_line_reload_total[{RATE}]))",
+                        "{{model}} {{result}}",
+                    )
+                ],
+            ),
+            Panel(
+                "Reload phase p95 per line",
+                [
+                    Query(
+                        "histogram_quantile(0.95, sum by (model, phase, le) "
+                        f"(rate(model_line_reload_phase_seconds_bucket[{RATE}])))",
+                        "{{model}} {{phase}}",
+                    )
+                ],
+                unit="s",
+            ),
         ),
     ),
 )

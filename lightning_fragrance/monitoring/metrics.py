@@ -53,6 +53,17 @@ class BriefMode(str, Enum):
     CREATIVE = "creative"
 
 
+class ModelLine(str, Enum):
+    """A model line of a serving process: its own versions, reloads and ``CURRENT``.
+
+    The ``model`` label of the ``model_line_*`` metrics (the ``model_*`` metrics without it are
+    the policy line's, as before the brief LLM got a line of its own).
+    """
+
+    POLICY = "policy"
+    BRIEF_LLM = "brief_llm"
+
+
 class RepairType(str, Enum):
     """How an LLM answer had to be repaired before it became a valid brief.
 
@@ -423,6 +434,38 @@ _CATALOGUE: tuple[MetricSpec, ...] = (
         # livemax: 1 while ANY live worker serves the version in that role; a gauge, not an Info,
         # because multiprocess mode exports no Info and cannot remove series (issue 4).
         multiprocess_mode="livemax",
+    ),
+    # Per model line (policy, brief LLM): version names of two lines may coincide, so their
+    # versions and reloads are told apart by a `model` label. Additive: the model_* metrics
+    # above stay the policy line's, so existing alerts and panels keep their meaning.
+    MetricSpec(
+        "model_line_info",
+        MetricType.GAUGE,
+        "Model versions per model line: 1 while the version holds the role, else 0.",
+        MetricGroup.RELOAD,
+        ("model", "role", "version"),
+        {"model": _values(ModelLine), "role": _values(ModelRole)},
+        multiprocess_mode="livemax",
+    ),
+    MetricSpec(
+        "model_line_reload_total",
+        MetricType.COUNTER,
+        "Hot reloads per model line by result.",
+        MetricGroup.RELOAD,
+        ("model", "result"),
+        {"model": _values(ModelLine), "result": _values(ReloadResult)},
+    ),
+    MetricSpec(
+        "model_line_reload_phase_seconds",
+        MetricType.HISTOGRAM,
+        "Duration of each hot-reload phase per model line.",
+        MetricGroup.RELOAD,
+        ("model", "phase"),
+        {
+            "model": _values(ModelLine),
+            "phase": tuple(phase.value for phase in RELOAD_TIMED_PHASES),
+        },
+        buckets=RELOAD_PHASE_BUCKETS,
     ),
 )
 

@@ -52,7 +52,7 @@ from lightning_fragrance.fragrance import (
 )
 from lightning_fragrance.fragrance.catalog import default_catalog
 from lightning_fragrance.fragrance.dna import decode_action
-from lightning_fragrance.monitoring import BriefMode, OperationsMetricsCollector
+from lightning_fragrance.monitoring import BriefMode, ModelLine, OperationsMetricsCollector
 from lightning_fragrance.serving.admission import LongBodyAdmission
 from lightning_fragrance.serving.brief import BriefGenerator, BriefResult, RuleBasedBriefGenerator
 from lightning_fragrance.serving.brief_line import BRIEF_MODEL_NAME, BriefLLMLine, BriefLLMSettings
@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 VERSION_HEADER = "X-Model-Version"
 BRIEF_VERSION_HEADER = "X-Brief-Model-Version"
 BRIEF_SOURCE_HEADER = "X-Brief-Source"
-POLICY_MODEL_NAME = "policy"
+POLICY_MODEL_NAME = ModelLine.POLICY.value
 WARMUP_TEXTS = (
     "a fresh citrus scent for summer, not too sweet",
     "warm amber and vanilla for winter evenings",
@@ -210,6 +210,7 @@ def build_brief_line(
         ExportStore(settings.brief_llm_store_dir()),
         line_settings,
         collector=collector,
+        observer=CollectorReloadObserver(collector, model=ModelLine.BRIEF_LLM),
         stopping=stopping,
     )
 

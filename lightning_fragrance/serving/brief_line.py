@@ -43,7 +43,8 @@ from lightning_fragrance.serving.loading import ExportNotFoundError, ExportStore
 
 log = logging.getLogger(__name__)
 
-BRIEF_MODEL_NAME = DEFAULT_MODEL_NAME  # "brief_llm": the line's name in the admin API
+# "brief_llm": the line's name in the admin API and its `model` metric label (ModelLine).
+BRIEF_MODEL_NAME = DEFAULT_MODEL_NAME
 WARMUP_TEXT = "a fresh citrus scent for summer, not too sweet"
 
 # Decoding per mode for the brief model trained here (its answers are at most ~96 tokens):
@@ -285,8 +286,11 @@ class BriefLLMLine:
         """The line's part of ``GET /admin/model``."""
         current = self.manager.get_current_worker_info() if self.manager.current_version else None
         fallback = self.sync.fallback
+        drain_timeouts = getattr(self.manager.observer, "drain_timeouts", {})
         return {
             "current": current.as_dict() if current else None,
+            "drain_timeouts": dict(drain_timeouts),
+            "abandoned_loads": self.manager.abandoned_loads_total,
             "reloading": self.manager.reloading,
             "current_pointer": self.sync.pointer.read(),
             "degraded": fallback.as_dict() if fallback else None,

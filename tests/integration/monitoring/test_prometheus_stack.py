@@ -44,6 +44,7 @@ def _serving_traffic(collector: OperationsMetricsCollector, rng: random.Random) 
     collector.record_api_request("/dna/create", "POST", 422, 0.01)
     collector.record_reload_phase("loading", rng.uniform(0.1, 0.5))
     collector.record_reload_phase("warming", rng.uniform(0.1, 0.5))
+    collector.record_line_reload_phase("brief_llm", "warming", rng.uniform(0.1, 0.5))
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,9 @@ def live(stack_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
     collector.set_model_version("000001-step10", "draining")
     collector.set_model_version("000002-step20", "current")
+    collector.set_line_version("policy", "000002-step20", "current")
+    collector.set_line_version("brief_llm", "000003-step300", "current")
+    collector.record_line_reload("brief_llm", "success")
     collector.record_model_reload("success", {"validating": 0.05, "switching": 0.001})
     collector.record_model_reload("warmup_failed")
     collector.record_model_reload("rolled_back", {"stopped": 0.02})

@@ -37,7 +37,9 @@ def export_dir(tmp_path: Path, ppo_checkpoints: list[Path], brief_llm_store: Pat
     return root
 
 
-def make_client(export_dir: Path, **overrides: Any) -> TestClient:
+def make_client(
+    export_dir: Path, collector: OperationsMetricsCollector | None = None, **overrides: Any
+) -> TestClient:
     values: dict[str, Any] = {
         "export_dir": export_dir,
         "admin_token": TOKEN,
@@ -48,7 +50,7 @@ def make_client(export_dir: Path, **overrides: Any) -> TestClient:
         "request_timeout_s": 60.0,
     }
     values.update(overrides)
-    collector = OperationsMetricsCollector(registry=CollectorRegistry())
+    collector = collector or OperationsMetricsCollector(registry=CollectorRegistry())
     return TestClient(create_app(ServeSettings(**values), collector=collector))
 
 
@@ -212,3 +214,29 @@ def test_concurrent_greedy_requests_get_the_answers_they_get_one_at_a_time(
         together = list(pool.map(ask, texts))
     assert together == alone
     assert all(status == 200 for status, _ in together)
+
+
+def test_metrics_count_the_real_models_briefs_and_each_lines_versions_and_reloads(
+    export_dir: Path,
+) -> None:
+    collector = OperationsMetricsCollector(registry=CollectorRegistry())
+    with make_client(export_dir, collector) as client:
+        for mode in ("fast", "balanced", "creative"):
+            assert dna(client, mode).status_code == 200
+        reload_id = client.post(
+            "/admin/model/reload", json={"model": "brief_llm", "version": V2}, headers=AUTH
+        ).json()["reload_id"]
+        wait_reload(client, reload_id)
+        text = client.get("/metrics").text
+    for mode in ("fast", "balanced", "creative"):
+        assert f'llm_brief_total{{mode="{mode}",status="failure"}} 1.0' in text
+        assert f'llm_brief_repairs_total{{mode="{mode}",repair_type="rule_fallback"}} 1.0' in text
+        assert f'llm_brief_latency_seconds_count{{mode="{mode}"}} 1.0' in text
+    assert f'model_line_info{{model="brief_llm",role="current",version="{V2}"}} 1.0' in text
+    assert f'model_line_info{{model="brief_llm",role="current",version="{V1}"}} 0.0' in text
+    assert f'model_line_info{{model="policy",role="current",version="{V1}"}} 1.0' in text
+    assert 'model_line_reload_total{model="brief_llm",result="success"} 1.0' in text
+    assert 'model_line_reload_phase_seconds_count{model="brief_llm",phase="draining"} 1.0' in text
+    # The policy's own model_* series are untouched by the brief line's reload.
+    assert 'model_reload_total{result="success"} 0.0' in text
+    assert f'model_info{{role="current",version="{V1}"}} 1.0' in text

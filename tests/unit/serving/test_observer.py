@@ -143,3 +143,32 @@ def test_a_request_past_the_drain_timeout_is_counted_by_action(action: str) -> N
     labels = {"action": action}
     counted = registry.get_sample_value("model_reload_drain_timeout_requests_total", labels)
     assert counted == 1.0
+
+
+def test_each_model_line_records_its_versions_and_reloads_under_its_own_model_label() -> None:
+    registry = CollectorRegistry()
+    collector = OperationsMetricsCollector(registry, groups=frozenset({MetricGroup.RELOAD}))
+    policy: HotReloadManager[Tiny] = HotReloadManager(
+        load, warmup_steps=0, observer=CollectorReloadObserver(collector)
+    )
+    brief: HotReloadManager[Tiny] = HotReloadManager(
+        load, warmup_steps=0, observer=CollectorReloadObserver(collector, model="brief_llm")
+    )
+    policy.initialize_first_worker("v1")
+    brief.initialize_first_worker("v1")  # the same version name in the other line
+    assert brief.reload("v2")
+
+    def line(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    info = "model_line_info"
+    assert line(info, model="policy", role="current", version="v1") == 1
+    assert line(info, model="brief_llm", role="current", version="v2") == 1
+    assert line(info, model="brief_llm", role="current", version="v1") == 0
+    assert line("model_line_reload_total", model="brief_llm", result="success") == 1
+    assert line("model_line_reload_total", model="policy", result="success") == 0
+    phase = "model_line_reload_phase_seconds_count"
+    assert line(phase, model="brief_llm", phase="switching") == 1  # the first load has none
+    # The unlabelled model_* metrics stay the policy line's: the brief reload is not in them.
+    assert line("model_reload_total", result="success") == 0
+    assert line("model_info", role="current", version="v1") == 1
