@@ -245,6 +245,9 @@ class BriefLLMLine:
         # nothing here keeps a retired model alive (or its stop would need a full GC pass).
         del lease
         outer: Future[tuple[str, str]] = Future()
+        # Running from the start: a request that times out cannot cancel it, so the answer
+        # that arrives later is set without an InvalidStateError (the generate is not undone).
+        outer.set_running_or_notify_cancel()
 
         def finish(done: Future[str]) -> None:
             error = done.exception()

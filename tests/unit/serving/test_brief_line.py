@@ -104,3 +104,24 @@ def test_a_line_without_exports_fails_its_first_load_with_the_way_out(tmp_path: 
     line = make_line(tmp_path / "brief_llm")
     with pytest.raises(Exception, match="lf-train task=brief_llm"):
         line.sync.start()
+
+
+def test_a_request_that_times_out_still_gives_its_lease_back_when_generate_ends(
+    brief_llm_store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    line = make_line(brief_llm_store, max_batch_size=2, batch_wait_s=60.0)
+    line.sync.start()
+    with line.manager.lease() as lease:
+        model = lease.model
+
+    async def ask() -> None:
+        await line.generate("fresh citrus", BriefMode.FAST, timeout_s=0.05)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(ask())  # its text waits in the batcher for a second request
+    assert line.manager.get_current_worker_info().in_flight == 1  # the lease is still held
+    model.batcher.submit("a companion", BriefMode.FAST).result(60)
+    wait_for(lambda: line.manager.get_current_worker_info().in_flight == 0)
+    # The late answer lands without an error in the future's callback.
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    line.manager.shutdown()
