@@ -7,7 +7,10 @@ Two implementations of one ``BriefGenerator`` protocol:
 - ``LLMBriefGenerator``: any transformers causal-LM directory (Qwen2.5 in production) prompted
   to answer with the brief as JSON. Its answer is extracted, repaired when malformed, validated
   against ``Brief``, and replaced by the rules when it cannot be repaired; every outcome is
-  recorded in the LLM brief metrics.
+  recorded in the LLM brief metrics. One model, loaded once, one request at a time: a
+  standalone generator (``create_app(brief_generator=...)``, scripts). The service's LLM path
+  with ``brief_backend=llm`` is ``serving.brief_line`` (hot-reloaded, batched), which shares
+  the prompt, repair and validation below.
 
 The repair itself is done by ``json-repair`` (a maintained parser that handles far more broken
 JSON than a regex could), but it does not report what it fixed, so ``classify_repairs`` looks at
