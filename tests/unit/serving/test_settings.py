@@ -51,3 +51,15 @@ def test_the_load_deadline_has_a_documented_default_and_must_be_positive() -> No
     assert ServeSettings().load_timeout_s == 60.0
     with pytest.raises(ValidationError, match="load_timeout_s"):
         settings_from_config({"load_timeout_s": 0})
+
+
+def test_policy_exports_are_read_in_place_or_from_a_policy_folder_and_the_llm_has_its_own(
+    tmp_path: Path,
+) -> None:
+    settings = ServeSettings(export_dir=tmp_path)
+    assert settings.policy_store_dir() == tmp_path  # exports/<version>/, exports/CURRENT
+    assert settings.brief_llm_store_dir() == tmp_path / "brief_llm"
+    (tmp_path / "policy").mkdir()
+    assert settings.policy_store_dir() == tmp_path / "policy"  # exports/<model>/<version>/
+    custom = ServeSettings(export_dir=tmp_path, llm_export_dir=tmp_path / "llm")
+    assert custom.brief_llm_store_dir() == tmp_path / "llm"
