@@ -1,10 +1,11 @@
 """Brief quality of the trained brief LLM (SFT, then SFT + GRPO) against the rule parser.
 
-Claim (issue 11): a small Qwen2 brief model trained here writes briefs as valid JSON without
-repair and agrees with the labelled brief better than the keyword rules (`parse_brief`), on
-texts whose sentence frames it never saw and on 60 hand-written texts (30 English, 30 Korean,
-`benchmarks/data/brief_handwritten.jsonl`) that the generator never produced; and GRPO keeps or
-improves what SFT reached.
+What it measures (issue 11): how well a small Qwen2 brief model trained here writes briefs (valid
+JSON without repair, agreement with the labelled brief) next to the keyword rules
+(`parse_brief`), on texts whose sentence frames it never saw and on 60 hand-written texts (30
+English, 30 Korean, `benchmarks/data/brief_handwritten.jsonl`) that the generator never
+produced, and whether GRPO improves on SFT. Measured so far: the rules still win on both sets
+and GRPO moves the figures by 0.01 or less; docs/brief-llm.md gives the figures and says why.
 
 Figures, per set: JSON-valid-without-repair rate (the rules write no JSON: n/a) and the mean
 field score (docs/brief-llm.md), for SFT, SFT+RL and the rules, with the ratios.
