@@ -45,7 +45,7 @@ HOOKS = (
 )
 
 
-def timed(guard: RollbackCheckpoint, spent: list[float]) -> None:
+def timed(guard: RollbackCheckpoint, spent: dict[str, float]) -> None:
     """Replace each hook on the instance with a timing wrapper (Lightning looks hooks up on the
     instance, so the wrapper is what it calls)."""
     for name in HOOKS:
@@ -57,12 +57,13 @@ def timed(guard: RollbackCheckpoint, spent: list[float]) -> None:
             try:
                 return _hook(*args, **kwargs)
             finally:
-                spent.append(time.perf_counter() - started)
+                name = _hook.__name__
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
 
         setattr(guard, name, wrapper)
 
 
-def measure(logging: str) -> tuple[float, float, int]:
+def measure(logging: str) -> tuple[dict[str, float], float, int]:
     overrides = [
         f"trainer.max_steps={UPDATES}",
         "trainer.enable_progress_bar=false",
@@ -78,13 +79,13 @@ def measure(logging: str) -> tuple[float, float, int]:
         cfg = compose("train", overrides=[f"paths.output_dir={tmp}", *overrides])
         module, trainer, _, callbacks = build_components(cfg)
         [guard] = [c for c in callbacks if isinstance(c, RollbackCheckpoint)]
-        spent: list[float] = []
+        spent: dict[str, float] = {}
         timed(guard, spent)
         started = time.perf_counter()
         trainer.fit(module)
         total = time.perf_counter() - started
         saves = len(guard.history)
-    return sum(spent), total, saves
+    return spent, total, saves
 
 
 def main() -> int:
@@ -92,7 +93,8 @@ def main() -> int:
     ok = True
     print(f"fragrance PPO, {UPDATES} updates, default guard (rollback_ppo.yaml)")
     for logging in ("on_step", "on_epoch"):
-        guard_s, total_s, saves = measure(logging)
+        spent, total_s, saves = measure(logging)
+        guard_s = sum(spent.values())
         per_update = total_s / UPDATES
         share = guard_s / total_s
         print(f"  {logging}:")
@@ -102,6 +104,8 @@ def main() -> int:
         )
         print(f"    anchor : {per_update * 1e3:.1f} ms per update (the fit's wall time / updates)")
         print(f"    ratio  : {share:.4%} of the update time; target <= {TARGET:.1%}")
+        top = sorted(spent.items(), key=lambda kv: -kv[1])[:4]
+        print("    where  : " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in top))
         ok = ok and share <= TARGET
     return 0 if ok else 1
 

@@ -200,7 +200,7 @@ def _number(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             return None
-        return float(value.detach().reshape(()).to("cpu", torch.float64))
+        return float(value.item())  # one host sync per value (none on CPU)
     try:
         return float(value)
     except (TypeError, ValueError):

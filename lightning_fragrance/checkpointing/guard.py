@@ -205,8 +205,11 @@ class RollbackGuard:
             return Observation(verdict, target, fresh=names)
         self.bad_since = None
         self.last_healthy.update(values)
+        on_probation = self.probation
         certified = self._certify(step, fresh)
-        return Observation(verdict, self.target(step), certified, names)
+        if certified or self.probation != on_probation:  # the candidates changed
+            target = self.target(step)
+        return Observation(verdict, target, certified, names)
 
     def _certify(self, step: int, fresh: Mapping[str, Reading]) -> tuple[int, ...]:
         """Healthy fresh readings become evidence for the pending states they came after."""
