@@ -27,7 +27,6 @@ import stat
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from lightning_fragrance.serving.loading import (
     check_shapes,
     load_checkpoint_safely,
     read_safetensors_header,
+    rename_export_into_place,
     sha256_file,
     write_current,
 )
@@ -114,7 +114,7 @@ def export_brief_model(
             p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
             for p in sorted(tmp.iterdir())
         }
-        final = _rename_into_place(tmp, root, step, files, source, metrics or {})
+        final = rename_export_into_place(tmp, root, step, files, source, metrics or {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,45 +168,6 @@ def export_brief_checkpoint(
         model_name=model_name,
         make_current=make_current,
     )
-
-
-def _next_sequence(root: Path) -> int:
-    return (
-        max((int(m.group(1)) for p in root.iterdir() if (m := _SEQ_RE.match(p.name))), default=0)
-        + 1
-    )
-
-
-def _rename_into_place(
-    tmp: Path,
-    root: Path,
-    step: int,
-    files: dict[str, FileEntry],
-    source: str,
-    metrics: Mapping[str, float],
-) -> Path:
-    # The version is decided at rename time: a concurrent export that took the sequence number
-    # makes the rename fail and this one takes the next (the manifest names the final version).
-    for _ in range(100):
-        version = f"{_next_sequence(root):06d}-step{step}"
-        manifest = ExportManifest(
-            version=version,
-            files=files,
-            source_checkpoint=source,
-            source_step=step,
-            metrics={k: float(v) for k, v in metrics.items()},
-            created_at=datetime.now(timezone.utc).isoformat(),
-        )
-        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
-        final = root / version
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if final.exists():
-                continue
-            raise
-        return final
-    raise ExportError(f"could not find a free version name in {root}")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -586,7 +586,7 @@ def export(
             for name in (WEIGHTS_FILE, CONFIG_FILE)
         }
         found = metrics if metrics is not None else _metrics_from_history(record)
-        final = _rename_into_place(tmp, root, step, files, source, found)
+        final = rename_export_into_place(tmp, root, step, files, str(source.resolve()), found)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -596,14 +596,17 @@ def export(
     return final
 
 
-def _rename_into_place(
+def rename_export_into_place(
     tmp: Path,
     root: Path,
     step: int,
     files: dict[str, FileEntry],
-    source: Path,
+    source: str,
     metrics: Mapping[str, float],
 ) -> Path:
+    """Write the manifest into the finished temporary export ``tmp`` and rename it into
+    ``root`` as the next version (``<seq>-step<step>``), durably. Shared by every model line's
+    exporter (the policy here, the brief LLM in `lightning_fragrance.llm.export`)."""
     # The version name is decided at rename time; a concurrent export that took the same sequence
     # number makes the rename fail, and we take the next one (the manifest names the version).
     for _ in range(100):
@@ -611,7 +614,7 @@ def _rename_into_place(
         manifest = ExportManifest(
             version=version,
             files=files,
-            source_checkpoint=str(source.resolve()),
+            source_checkpoint=source,
             source_step=step,
             metrics={k: float(v) for k, v in metrics.items()},
             created_at=datetime.now(timezone.utc).isoformat(),
