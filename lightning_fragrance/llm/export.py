@@ -60,7 +60,6 @@ DEFAULT_MODEL_NAME = "brief_llm"
 REQUIRED_FILES = ("config.json", WEIGHTS_FILE, "generation_config.json", "tokenizer.json")
 # The weights of the policy inside a GRPO training checkpoint (`BriefGRPO.policy`).
 CHECKPOINT_PREFIX = "policy."
-_SEQ_RE = re.compile(r"^(\d{6})-")
 
 
 @dataclass(frozen=True)
