@@ -19,10 +19,12 @@ def test_guarded_toy_shows_save_trigger_rollback_recovery(
     args = ["--dir", str(directory), "--steps", "16", "--save-every", "5", "--diverge-at", "11"]
     assert main(args) == 0
     messages = [r.getMessage() for r in caplog.records]
+    # The save's line comes from the background writer: on a loaded machine it may land after
+    # the trigger (the rollback itself reads the in-memory copy and does not wait for it).
+    assert any(m.startswith("Checkpoint saved: step=10") for m in messages)
     order = [
         next(i for i, m in enumerate(messages) if m.startswith(prefix))
         for prefix in (
-            "Checkpoint saved: step=10",
             "Rollback triggered: loss spike",
             "Rolled back to step=10",
             "Recovery: step=13",
