@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-UPDATES = 150
+UPDATES = 200
 SAVE_EVERY = 10
 POSITIONS = (60, 61, 62, 64, 65, 67, 68, 69)  # 60: on a save step; 69: just before the next
 SEEDS = (0, 1, 2)
@@ -104,12 +104,25 @@ def run_cell(cell: Cell) -> Outcome:
 
 
 def run_all(cells: list[Cell]) -> list[Outcome]:
+    """Run the cells on 2 worker processes; print each outcome as it arrives (a long sweep
+    shows its progress, and what finished is not lost if the run is stopped)."""
     context = multiprocessing.get_context("spawn")
+    outcomes: list[Outcome] = []
     with context.Pool(processes=2, maxtasksperchild=1) as pool:
-        return pool.map(run_cell, cells, chunksize=1)
+        for outcome in pool.imap_unordered(run_cell, cells, chunksize=1):
+            cell = outcome.cell
+            print(
+                f"  [{len(outcomes) + 1}/{len(cells)}] {cell.logging} seed {cell.seed} "
+                f"fault {cell.fault_at} guard {cell.guard}: greedy {outcome.greedy:.2f}, "
+                f"rollbacks {list(outcome.rollbacks)}, {outcome.seconds:.0f} s {outcome.error}",
+                flush=True,
+            )
+            outcomes.append(outcome)
+    return outcomes
 
 
 def quick() -> bool:
+    """One seed, guarded vs unguarded vs clean (measured at 150 updates: 0.992x / 0.614x)."""
     clean, guarded, unguarded = run_all(
         [Cell("on_step", 0, None), Cell("on_step", 0, 75), Cell("on_step", 0, 75, guard=False)]
     )
