@@ -43,9 +43,8 @@ import time
 from multiprocessing.queues import Queue
 from pathlib import Path
 
-import aiohttp
-import httpx
-from serving_harness import TEXTS, LoadResult, start_ours, train_checkpoints
+from serving_harness import TEXTS, LoadResult, reload_process, start_ours, train_checkpoints
+from serving_harness import _load as harness_load
 
 from lightning_fragrance.llm.model import BriefModelSize
 from lightning_fragrance.monitoring import BriefMode
@@ -72,36 +71,8 @@ BATCH_TEXTS = 8
 
 
 async def _load(url: str, mode: BriefMode, seconds: float, warmup: float) -> LoadResult:
-    result = LoadResult()
-    stop_at = time.monotonic() + warmup + seconds
-    measure_from = time.monotonic() + warmup
-
-    async def client(index: int) -> None:
-        connector = aiohttp.TCPConnector(limit=1)
-        timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            n = index
-            while (now := time.monotonic()) < stop_at:
-                body = {"user_text": TEXTS[n % len(TEXTS)], "mode": mode.value}
-                n += 1
-                try:
-                    async with session.post(url + "/dna/create", json=body) as response:
-                        await response.read()
-                        status = response.status
-                except aiohttp.ClientError:
-                    if now >= measure_from:
-                        result.errors += 1
-                    continue
-                latency = time.monotonic() - now
-                if now >= measure_from:
-                    result.statuses[status] = result.statuses.get(status, 0) + 1
-                    if status == 200:
-                        result.latencies.append(latency)
-                        result.stamps.append((now, latency))
-
-    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
-    result.seconds = seconds
-    return result
+    # The harness's load generator; a generation can take seconds, so a long request timeout.
+    return await harness_load(url, "/dna/create", CLIENTS, seconds, warmup, mode.value, 120.0)
 
 
 def mode_latency_part(url: str, seconds: float) -> None:
@@ -157,37 +128,6 @@ def throughput_part(version_dir: Path, max_new_tokens: int) -> None:
 # ----------------------------------------------------------------------------- reloads
 
 
-async def _reload_loop(url: str, versions: list[str], until: float) -> list[dict[str, object]]:
-    records: list[dict[str, object]] = []
-    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as admin:
-        index = 0
-        while time.monotonic() < until:
-            body = {"model": "brief_llm", "version": versions[index % len(versions)]}
-            index += 1
-            response = await admin.post("/admin/model/reload", json=body)
-            if response.status_code != 202:
-                await asyncio.sleep(0.05)
-                continue
-            reload_id = response.json()["reload_id"]
-            while True:
-                record = (await admin.get(f"/admin/model/reload/{reload_id}")).json()
-                if record["finished_at"] is not None:
-                    records.append(record)
-                    break
-                await asyncio.sleep(0.02)
-    return records
-
-
-def _reload_process(
-    url: str, versions: list[str], periods: list[tuple[float, float]], out: Queue[object]
-) -> None:
-    records: list[dict[str, object]] = []
-    for start, end in periods:
-        time.sleep(max(0.0, start - time.monotonic()))
-        records += asyncio.run(_reload_loop(url, versions, end))
-    out.put(records)
-
-
 def _p99(latencies: list[float]) -> float:
     ordered = sorted(latencies)
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else float("nan")
@@ -201,7 +141,8 @@ def reload_part(url: str, versions: list[str], period_s: float, rounds: int) -> 
     context = multiprocessing.get_context("fork")
     queue: Queue[object] = context.Queue()
     admin = context.Process(
-        target=_reload_process, args=(url, versions[::-1], periods[1::2], queue)
+        target=reload_process,
+        args=(url, TOKEN, versions[::-1], periods[1::2], queue, "brief_llm"),
     )
     admin.start()
     load = asyncio.run(_load(url, BriefMode.FAST, 2 * rounds * period_s, WARMUP_S))

@@ -39,7 +39,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 
 import httpx
-from serving_harness import _load, start_ours, train_checkpoints
+from serving_harness import _load, reload_process, start_ours, train_checkpoints
 
 from lightning_fragrance.serving.loading import ExportStore, export
 
@@ -55,39 +55,6 @@ TARGET_PEAK_RATIO = 2.2
 
 
 # ----------------------------------------------------------------------------- 1-2: latency
-
-
-async def _reload_loop(url: str, versions: list[str], until: float) -> list[dict[str, object]]:
-    records: list[dict[str, object]] = []
-    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as admin:
-        index = 0
-        while time.monotonic() < until:
-            version = versions[index % len(versions)]
-            index += 1
-            response = await admin.post("/admin/model/reload", json={"version": version})
-            if response.status_code != 202:
-                await asyncio.sleep(0.05)
-                continue
-            reload_id = response.json()["reload_id"]
-            while True:
-                record = (await admin.get(f"/admin/model/reload/{reload_id}")).json()
-                if record["finished_at"] is not None:
-                    records.append(record)
-                    break
-                await asyncio.sleep(0.02)
-    return records
-
-
-def _reload_process(
-    url: str, versions: list[str], periods: list[tuple[float, float]], out: Queue[object]
-) -> None:
-    """Reload back to back inside each (start, end) period; CLOCK_MONOTONIC is system-wide
-    on Linux, so the parent's deadlines hold here."""
-    records: list[dict[str, object]] = []
-    for start, end in periods:
-        time.sleep(max(0.0, start - time.monotonic()))
-        records += asyncio.run(_reload_loop(url, versions, end))
-    out.put(records)
 
 
 def _p99(latencies: list[float]) -> float:
@@ -113,7 +80,7 @@ def latency_part(work: Path, checkpoints: list[Path]) -> None:
         context = multiprocessing.get_context("fork")
         queue: Queue[object] = context.Queue()
         admin = context.Process(
-            target=_reload_process, args=(server.url, versions[::-1], periods[1::2], queue)
+            target=reload_process, args=(server.url, TOKEN, versions[::-1], periods[1::2], queue)
         )
         admin.start()
         load = asyncio.run(_load(server.url, "/dna/create", 8, 2 * ROUNDS * PERIOD_S, WARMUP_S))

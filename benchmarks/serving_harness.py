@@ -10,10 +10,12 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
+from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 
 from lightning_fragrance.examples.tiny_ppo import tiny_ppo_checkpoints
 from lightning_fragrance.serving.launcher import ServeProcess, free_port, start_lf_serve
@@ -76,17 +78,28 @@ class LoadResult:
         return statistics.median(self.latencies) if self.latencies else float("nan")
 
 
-async def _load(url: str, path: str, clients: int, seconds: float, warmup: float) -> LoadResult:
+async def _load(
+    url: str,
+    path: str,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    mode: str = "fast",
+    timeout_s: float | None = None,
+) -> LoadResult:
+    """``clients`` closed-loop clients posting briefs in ``mode`` (one load generator for every
+    serving benchmark); ``timeout_s`` bounds one request (None: aiohttp's default)."""
     result = LoadResult()
     stop_at = time.monotonic() + warmup + seconds
     measure_from = time.monotonic() + warmup
 
     async def client(index: int) -> None:
         connector = aiohttp.TCPConnector(limit=1)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             n = index
             while (now := time.monotonic()) < stop_at:
-                body = {"user_text": TEXTS[n % len(TEXTS)], "mode": "fast"}
+                body = {"user_text": TEXTS[n % len(TEXTS)], "mode": mode}
                 n += 1
                 try:
                     async with session.post(url + path, json=body) as response:
@@ -106,6 +119,51 @@ async def _load(url: str, path: str, clients: int, seconds: float, warmup: float
     await asyncio.gather(*(client(i) for i in range(clients)))
     result.seconds = seconds
     return result
+
+
+async def reload_loop(
+    url: str, token: str, versions: list[str], until: float, model: str | None = None
+) -> list[dict[str, object]]:
+    """Reload ``versions`` in turn, back to back, until ``until``; the finished records."""
+    records: list[dict[str, object]] = []
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as admin:
+        index = 0
+        while time.monotonic() < until:
+            body: dict[str, str] = {"version": versions[index % len(versions)]}
+            if model is not None:
+                body["model"] = model
+            index += 1
+            response = await admin.post("/admin/model/reload", json=body)
+            if response.status_code != 202:
+                await asyncio.sleep(0.05)
+                continue
+            reload_id = response.json()["reload_id"]
+            while True:
+                record = (await admin.get(f"/admin/model/reload/{reload_id}")).json()
+                if record["finished_at"] is not None:
+                    records.append(record)
+                    break
+                await asyncio.sleep(0.02)
+    return records
+
+
+def reload_process(
+    url: str,
+    token: str,
+    versions: list[str],
+    periods: list[tuple[float, float]],
+    out: Queue[object],
+    model: str | None = None,
+) -> None:
+    """`reload_loop` inside each (start, end) period, in its own process so its polling never
+    slows the load generator; CLOCK_MONOTONIC is system-wide on Linux, so the parent's
+    deadlines hold here. Puts the records on ``out``."""
+    records: list[dict[str, object]] = []
+    for start, end in periods:
+        time.sleep(max(0.0, start - time.monotonic()))
+        records += asyncio.run(reload_loop(url, token, versions, end, model))
+    out.put(records)
 
 
 def run_load(
