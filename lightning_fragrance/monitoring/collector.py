@@ -307,6 +307,9 @@ class OperationsMetricsCollector:
                     self._child("model_line_reload_total", (line, reload_result.value))
                 for reload_phase in RELOAD_TIMED_PHASES:
                     self._child("model_line_reload_phase_seconds", (line, reload_phase.value))
+                for action in DrainTimeoutAction:
+                    self._child("model_line_drain_timeout_requests_total", (line, action.value))
+                self._child("model_line_reload_abandoned_loads_total", (line,))
         if MetricGroup.LOGGER in self.groups:
             self._metric("rl_logger_push_errors_total")
 
@@ -659,6 +662,26 @@ class OperationsMetricsCollector:
         self._child("model_line_reload_phase_seconds", labels).observe(
             _finite("seconds", seconds, non_negative=True)
         )
+
+    def record_line_drain_timeout(
+        self, model: str | ModelLine, requests: int, action: str | DrainTimeoutAction
+    ) -> None:
+        """Count requests of line ``model`` that outlived a drain timeout, by what was done
+        (``model_line_drain_timeout_requests_total``).
+
+        Raises:
+            ValueError: Unknown line or action, or a negative or non-integer count.
+        """
+        labels = (_choice("model", model, _MODEL_LINES), _choice("action", action, _DRAIN_ACTIONS))
+        if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
+            raise ValueError(f"requests must be an integer >= 0, got {requests!r}")
+        self._child("model_line_drain_timeout_requests_total", labels).inc(requests)
+
+    def record_line_abandoned_load(self, model: str | ModelLine) -> None:
+        """Count a load of line ``model`` abandoned past its deadline
+        (``model_line_reload_abandoned_loads_total``)."""
+        line = _choice("model", model, _MODEL_LINES)
+        self._child("model_line_reload_abandoned_loads_total", (line,)).inc()
 
     def set_line_version(
         self, model: str | ModelLine, version: str, role: str | ModelRole = ModelRole.CURRENT

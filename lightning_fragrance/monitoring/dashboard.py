@@ -378,8 +378,29 @@ SECTIONS: Sequence[tuple[str, Sequence[Panel]]] = (
                     Query(
                         f"sum by (model, result) (increase(model_line_reload_total[{RATE}]))",
                         "{{model}} {{result}}",
+                    ),
+                    Query(
+                        "sum by (model) (increase("
+                        f"model_line_reload_abandoned_loads_total[{RATE}]))",
+                        "{{model}} abandoned loads (past its load timeout)",
+                    ),
+                ],
+            ),
+            Panel(
+                "Requests past the drain timeout per line",
+                [
+                    Query(
+                        "sum by (model, action) (increase("
+                        f"model_line_drain_timeout_requests_total[{RATE}]))",
+                        "{{model}} {{action}}",
                     )
                 ],
+                thresholds=[(1.0, "orange")],
+                description=(
+                    "Per model line (policy, brief_llm): requests still running on the old "
+                    "worker when its drain timed out (a brief LLM generate can outlive it). "
+                    "leave_running = answered normally, reject = answered 503 + Retry-After."
+                ),
             ),
             Panel(
                 "Reload phase p95 per line",

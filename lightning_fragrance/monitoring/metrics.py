@@ -467,6 +467,26 @@ _CATALOGUE: tuple[MetricSpec, ...] = (
         },
         buckets=RELOAD_PHASE_BUCKETS,
     ),
+    # The drain and load-deadline counters per line: the brief LLM line drains generate calls
+    # of seconds and loads for minutes, so its timeouts are the ones an operator must see.
+    MetricSpec(
+        "model_line_drain_timeout_requests_total",
+        MetricType.COUNTER,
+        "Requests still running on a model line's old worker when its drain timed out, by "
+        "what was done.",
+        MetricGroup.RELOAD,
+        ("model", "action"),
+        {"model": _values(ModelLine), "action": _values(DrainTimeoutAction)},
+    ),
+    MetricSpec(
+        "model_line_reload_abandoned_loads_total",
+        MetricType.COUNTER,
+        "Model loads of a model line abandoned past its load deadline: the thread could not be "
+        "stopped and its result was discarded (the reload itself counts as load_failed).",
+        MetricGroup.RELOAD,
+        ("model",),
+        {"model": _values(ModelLine)},
+    ),
 )
 
 CATALOGUE: Mapping[str, MetricSpec] = {spec.name: spec for spec in _CATALOGUE}

@@ -623,16 +623,33 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse({"ready": False, "reason": reason}, status_code=503)
     fallback = state.sync.fallback
     line = state.brief_line
+    lines = _line_syncs(state)
     return JSONResponse(
         {
             "ready": True,
             "version": version,
             "brief_model_version": line.manager.current_version if line else None,
             "reloading": state.manager.reloading,
+            # The policy's fallback, as before the brief LLM line existed.
             "degraded": fallback.as_dict() if fallback else None,
+            # Every line serving something other than its CURRENT: a degraded brief line
+            # still answers (200), but the operator must see it beside the policy's.
+            "degraded_models": [sync.name for sync in lines if sync.fallback],
+            "models": {
+                sync.name: {
+                    "version": sync.manager.current_version,
+                    "degraded": sync.fallback.as_dict() if sync.fallback else None,
+                }
+                for sync in lines
+            },
             "pid": os.getpid(),  # tells uvicorn workers behind one port apart
         }
     )
+
+
+def _line_syncs(state: ServingState) -> list[CurrentSync]:
+    """The ``CurrentSync`` of every model line this process serves, the policy's first."""
+    return [state.sync] + ([state.brief_line.sync] if state.brief_line else [])
 
 
 async def metrics(request: Request) -> Response:
@@ -701,8 +718,7 @@ async def rollback_model(request: Request) -> dict[str, Any]:
 async def reload_status(reload_id: str, request: Request) -> dict[str, Any]:
     """``GET /admin/model/reload/{reload_id}``: phase, result, error and timings."""
     state = _state(request)
-    syncs = [state.sync] + ([state.brief_line.sync] if state.brief_line else [])
-    for sync in syncs:
+    for sync in _line_syncs(state):
         record = sync.manager.get_reload(reload_id)
         if record is not None:
             return {**record.as_dict(), "model": sync.name}
@@ -719,7 +735,11 @@ async def model_info(request: Request) -> dict[str, Any]:
             "current": state.manager.get_current_worker_info().as_dict(),
             "reloading": state.manager.reloading,
             "current_pointer": state.sync.pointer.read(),
+            "degraded": fallback.as_dict() if fallback else None,
             "versions": state.store.complete_versions(),
+            "drain_timeouts": dict(state.observer.drain_timeouts),
+            "abandoned_loads": state.manager.abandoned_loads_total,
+            "abandoned_loaders_running": state.manager.abandoned_loaders_running,
         }
     }
     if state.brief_line is not None:

@@ -294,6 +294,7 @@ class BriefLLMLine:
             "current": current.as_dict() if current else None,
             "drain_timeouts": dict(drain_timeouts),
             "abandoned_loads": self.manager.abandoned_loads_total,
+            "abandoned_loaders_running": self.manager.abandoned_loaders_running,
             "reloading": self.manager.reloading,
             "current_pointer": self.sync.pointer.read(),
             "degraded": fallback.as_dict() if fallback else None,

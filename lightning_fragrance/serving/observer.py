@@ -57,20 +57,24 @@ class CollectorReloadObserver:
         # ("current", 0) is followed by ("draining", 1) for the same version, which moves it.
 
     def on_drain_timeout(self, remaining: int, action: DrainTimeoutAction) -> None:
-        """Count ``model_reload_drain_timeout_requests_total{action}`` (policy line) and, for
-        every line, in ``GET /admin/model``."""
+        """Count ``model_line_drain_timeout_requests_total{model,action}`` (and the policy's
+        ``model_reload_drain_timeout_requests_total{action}``) and, in ``GET /admin/model``."""
         if self._policy:
             self.collector.record_drain_timeout(remaining, action)
+        self.collector.record_line_drain_timeout(self.model, remaining, action)
         self.drain_timeouts[action.value] = self.drain_timeouts.get(action.value, 0) + remaining
 
     def on_inflight(self, worker: str, value: int) -> None:
         """In-flight requests are already tracked per process by ``track_api_request``."""
 
     def on_load_abandoned(self, version: str | None) -> None:
-        """Count a loader abandoned past its deadline (``GET /admin/model``).
+        """Count a loader abandoned past its deadline (``GET /admin/model``,
+        ``model_line_reload_abandoned_loads_total{model}`` and the policy's
+        ``model_reload_abandoned_loads_total``).
 
         The failed reload itself is counted as ``load_failed`` in the reload totals.
         """
         self.abandoned_loads += 1
         if self._policy:
             self.collector.record_abandoned_load()
+        self.collector.record_line_abandoned_load(self.model)

@@ -45,6 +45,9 @@ def _serving_traffic(collector: OperationsMetricsCollector, rng: random.Random) 
     collector.record_reload_phase("loading", rng.uniform(0.1, 0.5))
     collector.record_reload_phase("warming", rng.uniform(0.1, 0.5))
     collector.record_line_reload_phase("brief_llm", "warming", rng.uniform(0.1, 0.5))
+    # The brief LLM line's drain timeouts and abandoned loads, per line (issue 11).
+    collector.record_line_drain_timeout("brief_llm", 1, "reject")
+    collector.record_line_abandoned_load("brief_llm")
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +214,25 @@ def test_prometheus_loaded_the_repository_rule_files(live: PrometheusAPI) -> Non
         groups = json.load(response)["data"]["groups"]
     files = {Path(group["file"]).name for group in groups}
     assert files == {"recording_rules.yml", "alerts.yml"}
+
+
+def _panel_exprs(title: str) -> list[str]:
+    return [expr for panel_title, expr in _dashboard_exprs() if panel_title == title]
+
+
+def test_brief_lines_drain_timeouts_and_abandoned_loads_show_per_line_on_their_panels(
+    live: PrometheusAPI,
+) -> None:
+    (drain,) = _panel_exprs("Requests past the drain timeout per line")
+    rows = {
+        (r["metric"]["model"], r["metric"]["action"]): float(r["value"][1])
+        for r in live.wait_for(drain)
+    }
+    assert rows[("brief_llm", "reject")] > 0
+    assert rows[("policy", "reject")] == 0.0  # the policy line had none
+    abandoned = next(e for e in _panel_exprs("Reloads per line by result") if "abandoned" in e)
+    per_line = {r["metric"]["model"]: float(r["value"][1]) for r in live.wait_for(abandoned)}
+    assert per_line["brief_llm"] > 0 and per_line["policy"] == 0.0
+    # The policy's unlabelled counter keeps its meaning: only the policy's own drain timeout.
+    policy = live.query('model_reload_drain_timeout_requests_total{action="reject"}')
+    assert float(policy[0]["value"][1]) == 1.0

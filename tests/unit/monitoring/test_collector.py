@@ -285,3 +285,38 @@ def test_an_abandoned_model_load_is_counted(registry: CollectorRegistry) -> None
     assert registry.get_sample_value("model_reload_abandoned_loads_total") == 0
     collector.record_abandoned_load()
     assert registry.get_sample_value("model_reload_abandoned_loads_total") == 1
+
+
+def test_drain_timeouts_and_abandoned_loads_are_counted_per_model_line(
+    collector: OperationsMetricsCollector, registry: CollectorRegistry
+) -> None:
+    for line in ("policy", "brief_llm"):
+        assert value(registry, "model_line_reload_abandoned_loads_total", model=line) == 0
+        for action in ("leave_running", "reject"):
+            labels = {"model": line, "action": action}
+            assert value(registry, "model_line_drain_timeout_requests_total", **labels) == 0
+    collector.record_line_drain_timeout("brief_llm", 3, "reject")
+    collector.record_line_abandoned_load("brief_llm")
+    name = "model_line_drain_timeout_requests_total"
+    assert value(registry, name, model="brief_llm", action="reject") == 3
+    assert value(registry, name, model="policy", action="reject") == 0
+    assert value(registry, "model_line_reload_abandoned_loads_total", model="brief_llm") == 1
+    # The unlabelled model_* counters stay the policy line's.
+    assert value(registry, "model_reload_drain_timeout_requests_total", action="reject") == 0
+    assert registry.get_sample_value("model_reload_abandoned_loads_total") == 0
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (lambda c: c.record_line_drain_timeout("llm", 1, "reject"), "policy, brief_llm"),
+        (lambda c: c.record_line_drain_timeout("brief_llm", 1, "kill"), "leave_running, reject"),
+        (lambda c: c.record_line_drain_timeout("brief_llm", -1, "reject"), ">= 0"),
+        (lambda c: c.record_line_abandoned_load("llm"), "policy, brief_llm"),
+    ],
+)
+def test_per_line_drain_and_load_counters_refuse_unknown_lines_and_bad_counts(
+    collector: OperationsMetricsCollector, record: object, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        record(collector)  # type: ignore[operator]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -172,3 +173,57 @@ def test_each_model_line_records_its_versions_and_reloads_under_its_own_model_la
     # The unlabelled model_* metrics stay the policy line's: the brief reload is not in them.
     assert line("model_reload_total", result="success") == 0
     assert line("model_info", role="current", version="v1") == 1
+
+
+def test_the_brief_lines_drain_timeout_and_abandoned_load_count_under_its_model_label() -> None:
+    registry = CollectorRegistry()
+    collector = OperationsMetricsCollector(registry, groups=frozenset({MetricGroup.RELOAD}))
+    entered, release = threading.Event(), threading.Event()
+
+    def loader(version: str | None) -> Tiny:
+        if version == "stuck":
+            release.wait(10)  # a load that outlives load_timeout (a hung mount, say)
+        return Tiny(version or "v0")
+
+    observer = CollectorReloadObserver(collector, model="brief_llm")
+    brief: HotReloadManager[Tiny] = HotReloadManager(
+        loader,
+        warmup_steps=0,
+        drain_timeout=0.05,
+        drain_timeout_action="reject",
+        observer=observer,
+        load_timeout=0.5,
+    )
+    brief.initialize_first_worker("v1")
+
+    def slow(model: Tiny) -> str:
+        entered.set()
+        release.wait(10)
+        return model.version
+
+    request = threading.Thread(target=lambda: _served(brief, slow), daemon=True)
+    request.start()
+    assert entered.wait(10)
+    try:
+        assert brief.reload("v2")  # the drain times out with the request still running
+        assert not brief.reload("stuck")  # abandoned past load_timeout
+    finally:
+        release.set()
+        request.join(10)
+
+    def line(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    drain = "model_line_drain_timeout_requests_total"
+    assert line(drain, model="brief_llm", action="reject") == 1
+    assert line(drain, model="policy", action="reject") == 0
+    assert line("model_line_reload_abandoned_loads_total", model="brief_llm") == 1
+    assert (observer.drain_timeouts, observer.abandoned_loads) == ({"reject": 1}, 1)
+    # Not in the policy's unlabelled counters.
+    assert line("model_reload_drain_timeout_requests_total", action="reject") == 0
+    assert line("model_reload_abandoned_loads_total") == 0
+
+
+def _served(manager: HotReloadManager[Tiny], fn: object) -> None:
+    with contextlib.suppress(DrainTimeoutExceeded):
+        manager.serve(fn)  # type: ignore[arg-type]
