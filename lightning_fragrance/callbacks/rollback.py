@@ -24,6 +24,11 @@ from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from lightning_fragrance.callbacks.evidence import LoggedEvidence
+from lightning_fragrance.callbacks.sharded_state import (
+    ShardedTrainerState,
+    sharded_model_key,
+    verified_resume_state,
+)
 from lightning_fragrance.callbacks.trainer_state import (
     RNG_KEY,
     TrainerState,
@@ -46,8 +51,10 @@ from lightning_fragrance.checkpointing import (
     collect_rng_state,
     reseed,
     restore_rng_state,
+    shared_view,
 )
 from lightning_fragrance.checkpointing.errors import CheckpointError
+from lightning_fragrance.checkpointing.sharded import ShardedCheckpointer
 from lightning_fragrance.checkpointing.triggers import GRAD_NORM, KL, LOSS, REWARD
 
 __all__ = ["RNG_KEY", "RollbackCheckpoint"]
@@ -227,6 +234,8 @@ class RollbackCheckpoint(Checkpoint):
         self._accumulated: dict[str, Reading] = {}
         self._grad_norm_sq: float | None = None
         self._reported_cadence = False
+        self._sharded_key: str | None = None
+        self._resume_step: int | None = None
 
     # ------------------------------------------------------------------ Lightning identity
     @property
@@ -300,10 +309,25 @@ class RollbackCheckpoint(Checkpoint):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
-        if stage != "fit" or _fast_dev_run(trainer) or self.dirpath is None:
+        if stage != "fit" or _fast_dev_run(trainer):
+            return
+        self._setup_sharded(trainer)
+        if self.dirpath is None:
             return
         if trainer.is_global_zero:  # fail now, not at the first save
             self._check_writable(self.dirpath)
+
+    def _setup_sharded(self, trainer: pl.Trainer) -> None:
+        """A sharded strategy saves each rank's shard (`sharded_state`). Its resumed checkpoint
+        is restored after ``on_fit_start``: verify it now and take this callback's state from
+        it, as Lightning does before ``on_fit_start`` for other strategies."""
+        self._sharded_key = sharded_model_key(trainer.strategy, _NAME)
+        if self._sharded_key is None or not trainer.ckpt_path:
+            return
+        resumed = verified_resume_state(trainer, str(trainer.ckpt_path), self.state_key, _NAME)
+        if resumed is not None:
+            state, self._resume_step = resumed
+            self.load_state_dict(state)
 
     def _check_writable(self, dirpath: str) -> None:
         probe = CheckpointStore(dirpath, self.max_checkpoints, fs=self._fs, read_only=True)
@@ -329,6 +353,8 @@ class RollbackCheckpoint(Checkpoint):
             except CheckpointDirectoryError as err:
                 raise CheckpointDirectoryError(f"{_NAME}: {err}") from None
         trainer.strategy.barrier("rollback_checkpoint_claim")
+        if trainer.world_size > 1:
+            self._check_shared(trainer, store, run_id, dirpath)
         self.engine = RollbackOrchestrator(
             store,
             self.conditions,
@@ -342,11 +368,26 @@ class RollbackCheckpoint(Checkpoint):
             dry_run=self.dry_run,
             barrier=lambda: trainer.strategy.barrier("rollback_checkpoint_flush"),
             host_memory_budget=self.host_memory_budget,
+            sharded=ShardedCheckpointer(store) if self._sharded_key is not None else None,
         )
         if loaded:
             self.engine.load_state_dict(loaded)
-            self._reconcile(trainer.global_step)
+            resumed = self._resume_step
+            self._reconcile(trainer.global_step if resumed is None else resumed)
         self.engine.guard.run_id = run_id
+
+    def _check_shared(
+        self, trainer: pl.Trainer, store: CheckpointStore, run_id: str, dirpath: str
+    ) -> None:
+        """Every rank must read the directory rank 0 writes (`checkpointing.shared_view`); the
+        answers are gathered, so all ranks raise together instead of hanging in a rollback."""
+        sees = trainer.is_global_zero or shared_view.sees_run(store, run_id)
+        vector = shared_view.blindness(trainer.global_rank, trainer.world_size, sees)
+        mine = torch.tensor(vector, dtype=torch.float64, device=trainer.strategy.root_device)
+        blind = shared_view.blind_ranks(trainer.strategy.reduce(mine, reduce_op="max").tolist())
+        if blind:
+            message = shared_view.not_shared_message(_NAME, dirpath, blind, trainer.world_size)
+            raise CheckpointDirectoryError(message)
 
     def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
         return self.dirpath if self.dirpath is not None else default_dirpath(trainer)
@@ -386,6 +427,14 @@ class RollbackCheckpoint(Checkpoint):
             self.engine.close()
 
     def _provider(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrainerState:
+        if self._sharded_key is not None:
+            return ShardedTrainerState(
+                trainer,
+                pl_module,
+                self._sharded_key,
+                self.restore_scheduler,
+                self.restore_precision,
+            )
         return TrainerState(trainer, pl_module, self.restore_scheduler, self.restore_precision)
 
     # ------------------------------------------------------------------ per step

@@ -48,6 +48,7 @@ from lightning_fragrance.checkpointing import (
     StepOutcome,
     agreement,
     next_save_step,
+    shared_view,
 )
 from lightning_fragrance.checkpointing.rng import reseed as reseed_generators
 from lightning_fragrance.checkpointing.triggers import GRAD_NORM, KL, LOSS, REWARD
@@ -190,7 +191,18 @@ class FabricRollbackGuard:
         run_id = fabric.broadcast(run_id, src=0)
         if store is None:
             store = CheckpointStore(dirpath, max_checkpoints, fs=fs, read_only=True)
-            store.run_id = str(run_id)
+        if fabric.world_size > 1:  # every rank must read what rank 0 writes
+            sees = fabric.is_global_zero or shared_view.sees_run(store, str(run_id))
+            vector = shared_view.blindness(fabric.global_rank, fabric.world_size, sees)
+            mine = torch.tensor(vector, dtype=torch.float64, device=fabric.device)
+            reduced = fabric.all_reduce(mine, reduce_op="max")
+            assert isinstance(reduced, torch.Tensor)  # a tensor in, a tensor out
+            blind = shared_view.blind_ranks(reduced.tolist())
+            if blind:
+                owner = type(self).__name__
+                message = shared_view.not_shared_message(owner, dirpath, blind, fabric.world_size)
+                raise CheckpointDirectoryError(message)
+        store.run_id = str(run_id)
         return store
 
     # ------------------------------------------------------------------ the loop's calls
