@@ -10,8 +10,8 @@ versions that failed here so they are not retried in a loop.
 One ``CurrentSync`` serves one model line (one ``HotReloadManager`` over one store, with its
 own pointer, name and load deadline); a second line (the LLM brief) gets its own. The pointer
 is behind a two-method interface: ``LocalPointer`` is the export directory's ``CURRENT`` file
-(watched with file events), ``FsspecPointer`` any fsspec URL (polled: object stores send no
-events), for the object store to come.
+(watched with file events), ``FsspecPointer`` any fsspec URL, such as the ``CURRENT`` object of
+an export store on S3 (polled every ``reconcile_interval_s``: object stores send no events).
 """
 
 from __future__ import annotations
@@ -34,18 +34,12 @@ from lightning_fragrance.serving.hot_reload import (
     ReloadRecord,
     WorkerInfo,
 )
-from lightning_fragrance.serving.loading import (
-    CURRENT_FILE,
-    ExportStore,
-    InvalidVersionNameError,
-    validate_version_name,
-)
+from lightning_fragrance.serving.loading import CURRENT_FILE, ExportStore
+from lightning_fragrance.serving.object_store import ObjectStoreExports, read_pointer, write_pointer
 
 log = logging.getLogger(__name__)
 
 _SERVES = (ReloadResult.SUCCESS, ReloadResult.ROLLED_BACK)
-# A pointer holds one version name; anything longer is not one (and is not read whole).
-_MAX_POINTER_BYTES = 4096
 
 
 class Pointer(Protocol):
@@ -106,18 +100,18 @@ class FsspecPointer:
 
     def read(self) -> str | None:
         """The version the object names, or ``None`` (missing, too large, not a name)."""
-        try:
-            info = self.fs.info(self.path)
-            if info.get("type") != "file" or int(info.get("size") or 0) > _MAX_POINTER_BYTES:
-                return None
-            raw = self.fs.cat_file(self.path, start=0, end=_MAX_POINTER_BYTES)
-            return validate_version_name(bytes(raw).decode("utf-8").strip())
-        except (OSError, ValueError, InvalidVersionNameError):
-            return None  # FileNotFoundError and UnicodeDecodeError included
+        return read_pointer(self.fs, self.path)
 
     def write(self, version: str) -> None:
         """Upload ``version`` as the object's whole content."""
-        self.fs.pipe_file(self.path, (validate_version_name(version) + "\n").encode())
+        write_pointer(self.fs, self.path, version)
+
+
+def default_pointer(store: ExportStore) -> Pointer:
+    """The store's own ``CURRENT``: a file beside the versions, or the object store's object."""
+    if isinstance(store, ObjectStoreExports):
+        return FsspecPointer(store.current_path, fs=store.fs)
+    return LocalPointer(store)
 
 
 @dataclass(frozen=True)
@@ -145,7 +139,8 @@ class CurrentSync:
     Args:
         store: the line's export store (versions are listed and loaded from it).
         manager: the line's reload manager (its loader takes a version name).
-        pointer: where the line's ``CURRENT`` lives (default: ``LocalPointer(store)``).
+        pointer: where the line's ``CURRENT`` lives (default: the store's own, a file for a
+            directory and an object for an object store: ``default_pointer``).
         name: the line's name in log lines (``policy``, ``brief``).
         auto_promote: point ``CURRENT`` at each new complete export, once it has loaded,
             validated and warmed up here (a bad export is never promoted).
@@ -164,7 +159,7 @@ class CurrentSync:
     ) -> None:
         self.store = store
         self.manager = manager
-        self.pointer: Pointer = pointer or LocalPointer(store)
+        self.pointer: Pointer = pointer or default_pointer(store)
         self.name = name
         self.auto_promote = auto_promote
         self.stopping = stopping
@@ -349,7 +344,14 @@ class CurrentSync:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
     async def watch(self, stop: asyncio.Event, interval_s: float) -> None:
-        """Reconcile on every change in the export directory, and every ``interval_s``."""
+        """Reconcile on every change in the export directory, and every ``interval_s``.
+
+        A ``CURRENT`` that is not a local file (an object store's) sends no events: it is
+        polled every ``interval_s`` instead (``poll``).
+        """
+        if not isinstance(self.pointer, LocalPointer):
+            await self.poll(stop, interval_s)
+            return
         async for _changes in watchfiles.awatch(
             self.store.root,
             stop_event=stop,

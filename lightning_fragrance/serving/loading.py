@@ -31,12 +31,13 @@ import pickle
 import re
 import shutil
 import stat
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, overload
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -59,6 +60,8 @@ _SEQ_DIGITS = 6
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _SEQ_RE = re.compile(rf"^(\d{{{_SEQ_DIGITS}}})-")
+# A store location with a scheme (``s3://bucket/exports``) is an fsspec URL, not a local path.
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # A manifest entry is a plain file name of the export directory (lf-export writes no
 # subdirectories): no separator, no "..", no absolute path (issue 10: "../../etc/passwd").
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -292,7 +295,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _entry_path(directory: Path, name: str) -> Path:
+def entry_path(directory: Path, name: str) -> Path:
     """The file a manifest entry names; refused unless it is a plain name inside ``directory``."""
     if not _ENTRY_RE.match(name):
         raise UnsafeExportFileError(
@@ -394,6 +397,11 @@ def validate_version_name(name: str) -> str:
             f"version name {name!r} must match {_VERSION_RE.pattern} (a directory in the store)"
         )
     return name
+
+
+def is_store_url(location: str | Path) -> bool:
+    """Whether ``location`` is an fsspec URL (``s3://bucket/exports``), not a local path."""
+    return isinstance(location, str) and bool(_URL_RE.match(location))
 
 
 # --------------------------------------------------------------------------- raw checkpoints
@@ -511,8 +519,40 @@ def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], source: Path) -> Non
 
 
 def _next_sequence(out_dir: Path) -> int:
-    seqs = [int(m.group(1)) for p in out_dir.iterdir() if (m := _SEQ_RE.match(p.name))]
-    return max(seqs, default=0) + 1
+    return max((version_sequence(p.name) for p in out_dir.iterdir()), default=0) + 1
+
+
+def version_name(sequence: int, step: int) -> str:
+    """``000012-step6000``: the sequence zero-padded, so that names sort in time order."""
+    return f"{sequence:0{_SEQ_DIGITS}d}-step{step}"
+
+
+def version_sequence(name: str) -> int:
+    """The sequence number at the start of a version name (0 for a name without one)."""
+    match = _SEQ_RE.match(name)
+    return int(match.group(1)) if match else 0
+
+
+@overload
+def export(
+    ckpt_path: str | Path,
+    out_dir: Path,
+    *,
+    model_class: str = ...,
+    metrics: Mapping[str, float] | None = ...,
+    make_current: bool = ...,
+) -> Path: ...
+
+
+@overload
+def export(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    *,
+    model_class: str = ...,
+    metrics: Mapping[str, float] | None = ...,
+    make_current: bool = ...,
+) -> Path | str: ...
 
 
 def export(
@@ -522,7 +562,7 @@ def export(
     model_class: str = DEFAULT_MODEL_CLASS,
     metrics: Mapping[str, float] | None = None,
     make_current: bool = False,
-) -> Path:
+) -> Path | str:
     """Export a Lightning checkpoint to ``out_dir/<seq>-step<step>/`` and return that path.
 
     The checkpoint is read with ``weights_only=True``; the state dict is checked against the
@@ -531,14 +571,17 @@ def export(
 
     Args:
         ckpt_path: a Lightning checkpoint (``state_dict``, ``hyper_parameters``, ``global_step``).
-        out_dir: the export store; created if missing.
+        out_dir: the export store; created if missing. A URL (``s3://bucket/exports``) publishes
+            to that object store instead (files first, manifest last; ``serving.object_store``)
+            and returns the version's URL.
         model_class: allowlisted class recorded in ``config.json`` (default: the PPO policy;
             its weights are the checkpoint's ``policy_net.*`` entries).
         metrics: metrics at save; default: the checkpoint's entry in ``checkpoint_history.json``.
         make_current: also point ``out_dir/CURRENT`` at the new version.
 
     Raises:
-        ExportError: the checkpoint lacks a state dict or its hyperparameters are not primitive.
+        ExportError: the checkpoint lacks a state dict or its hyperparameters are not primitive,
+            or the upload to an object store failed (nothing was published).
         ModelLoadError: the checkpoint is unsafe, unreadable, or does not fit ``model_class``.
     """
     source = Path(ckpt_path)
@@ -566,26 +609,21 @@ def export(
         expected = build_model(model_class, hparams)
     check_state_dict(expected, tensors)
     _refuse_non_finite(tensors, source)
+    config = ExportConfig(model_class=model_class, hparams=hparams)
+    found = metrics if metrics is not None else _metrics_from_history(record)
+    if is_store_url(out_dir):
+        url = _publish_to_object_store(
+            str(out_dir), config, tensors, step, str(source.resolve()), found, make_current
+        )
+        log.info("exported %s (step %d) to %s", source, step, url)
+        return url
 
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        config = ExportConfig(model_class=model_class, hparams=hparams)
-        _write_text_durable(tmp / CONFIG_FILE, config.model_dump_json(indent=2))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        # One rule for every file of an export: the mode open() gives (0o666 minus the umask).
-        # safetensors creates its file 0o600, which a server running as another user of the
-        # group could not read.
-        os.chmod(tmp / WEIGHTS_FILE, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
-        with (tmp / WEIGHTS_FILE).open("rb") as fh:
-            os.fsync(fh.fileno())
-        files = {
-            name: FileEntry(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
-            for name in (WEIGHTS_FILE, CONFIG_FILE)
-        }
-        found = metrics if metrics is not None else _metrics_from_history(record)
+        files = _write_export_files(tmp, config, tensors)
         final = rename_export_into_place(tmp, root, step, files, str(source.resolve()), found)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -594,6 +632,43 @@ def export(
     if make_current:
         write_current(root, final.name)
     return final
+
+
+def _write_export_files(
+    tmp: Path, config: ExportConfig, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, FileEntry]:
+    """Write ``config.json`` and ``model.safetensors`` into ``tmp``, durably; their entries."""
+    _write_text_durable(tmp / CONFIG_FILE, config.model_dump_json(indent=2))
+    save_file(dict(tensors), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    # One rule for every file of an export: the mode open() gives (0o666 minus the umask).
+    # safetensors creates its file 0o600, which a server running as another user of the
+    # group could not read.
+    os.chmod(tmp / WEIGHTS_FILE, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
+    with (tmp / WEIGHTS_FILE).open("rb") as fh:
+        os.fsync(fh.fileno())
+    return {
+        name: FileEntry(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
+        for name in (WEIGHTS_FILE, CONFIG_FILE)
+    }
+
+
+def _publish_to_object_store(
+    url: str,
+    config: ExportConfig,
+    tensors: Mapping[str, torch.Tensor],
+    step: int,
+    source: str,
+    metrics: Mapping[str, float],
+    make_current: bool,
+) -> str:
+    """Stage the export locally, then upload it (``object_store.publish_export``)."""
+    from lightning_fragrance.serving.object_store import publish_export  # imports this module
+
+    with tempfile.TemporaryDirectory(prefix="lf-export-") as staging:
+        files = _write_export_files(Path(staging), config, tensors)
+        return publish_export(
+            Path(staging), url, step, files, source, metrics, make_current=make_current
+        )
 
 
 def rename_export_into_place(
@@ -610,7 +685,7 @@ def rename_export_into_place(
     # The version name is decided at rename time; a concurrent export that took the same sequence
     # number makes the rename fail, and we take the next one (the manifest names the version).
     for _ in range(100):
-        version = f"{_next_sequence(root):0{_SEQ_DIGITS}d}-step{step}"
+        version = version_name(_next_sequence(root), step)
         manifest = ExportManifest(
             version=version,
             files=files,
@@ -667,15 +742,34 @@ def read_current(root: str | Path) -> str | None:
 class ExportStore:
     """The export directory: version listing, the CURRENT pointer, and safe loading.
 
+    ``ExportStore(url)`` with an fsspec URL (``s3://bucket/exports``) returns the object-store
+    variant, ``serving.object_store.ObjectStoreExports``: same methods, loading through a
+    private local cache.
+
     Args:
-        root: the directory ``export`` writes into.
+        root: the directory ``export`` writes into, or an object store's URL.
         verify_checksums: recompute every file's sha256 on load (default ``True``).
     """
 
+    def __new__(cls, root: str | Path, *args: Any, **kwargs: Any) -> ExportStore:
+        # ``ExportStore("s3://bucket/exports")`` is the object-store variant, so that every
+        # caller (the app, the brief line, scripts) takes a URL wherever it takes a directory.
+        if cls is ExportStore and is_store_url(root):
+            from lightning_fragrance.serving.object_store import ObjectStoreExports
+
+            return super().__new__(ObjectStoreExports)
+        return super().__new__(cls)
+
     def __init__(self, root: str | Path, *, verify_checksums: bool = True) -> None:
         self.root = Path(root)
+        # Where the versions live, for messages: the directory, or the object store's URL.
+        self.location = str(root)
         self.verify_checksums = verify_checksums
         self._reported_links: set[str] = set()
+
+    def has_version(self, version: str) -> bool:
+        """Whether ``version`` is a version directory of the store (complete or not)."""
+        return self.path_for(version).is_dir()
 
     def path_for(self, version: str) -> Path:
         """The directory of ``version``, guaranteed to lie inside the store (and not a link)."""
@@ -776,7 +870,7 @@ class ExportStore:
         for required in (WEIGHTS_FILE, CONFIG_FILE):
             if required not in manifest.files:
                 raise ManifestInvalidError(f"manifest of {version!r} does not list {required}")
-        paths = {name: _entry_path(directory, name) for name in manifest.files}
+        paths = {name: entry_path(directory, name) for name in manifest.files}
         config = self._read_config(version, paths[CONFIG_FILE], manifest.files[CONFIG_FILE])
         # Built on the meta device and given the loaded tensors (assign=True): no random init
         # and no second copy, so a reload holds old + new weights, not old + 2x new.

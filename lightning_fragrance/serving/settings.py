@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
 from lightning_fragrance.monitoring import BriefMode
 from lightning_fragrance.serving.brief import GenerationSettings
 from lightning_fragrance.serving.hot_reload import DrainTimeoutAction
+from lightning_fragrance.serving.loading import is_store_url
 
 ADMIN_TOKEN_ENV = "LF_ADMIN_TOKEN"
 SETTINGS_ENV = "LF_SERVE_SETTINGS"
@@ -21,6 +23,25 @@ BRIEF_LLM_STORE = "brief_llm"
 # A policy store may sit in ``<export_dir>/policy`` (the ``exports/<model>/<version>/``
 # layout); without that folder, the versions directly in ``export_dir`` are read in place.
 POLICY_STORE = "policy"
+
+
+def _store_location(value: Any) -> Path | str:
+    # A URL stays a string: Path("s3://bucket/exports") would collapse it to "s3:/bucket/...".
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, str) and value:
+        return value if is_store_url(value) else Path(value)
+    raise ValueError(f"expected a directory or a URL such as s3://bucket/exports, got {value!r}")
+
+
+# An export store: a local directory (a Path) or an fsspec URL such as ``s3://bucket/exports``.
+StoreLocation = Annotated[Path | str, PlainValidator(_store_location)]
+
+
+def _join(location: Path | str, name: str) -> Path | str:
+    if isinstance(location, Path):
+        return location / name
+    return f"{location.rstrip('/')}/{name}"
 
 
 def _default_llm_decoding() -> dict[BriefMode, GenerationSettings]:
@@ -41,6 +62,10 @@ class ServeSettings(BaseModel):
 
     Attributes:
         export_dir: the export store (``lf-export`` output); ``CURRENT`` inside it is watched.
+            A URL (``s3://bucket/exports``) serves from an object store: versions are
+            downloaded into a private cache and verified, and ``CURRENT`` is polled every
+            ``reconcile_interval_s`` (endpoint and credentials: the ``AWS_*`` environment
+            variables; docs/serving.md, "Exports on an object store (S3)").
         host: bind address; loopback unless you mean to expose the service.
         port: TCP port.
         workers: uvicorn worker processes; they converge through ``CURRENT``.
@@ -63,7 +88,9 @@ class ServeSettings(BaseModel):
         watch_current: reload when ``CURRENT`` changes (multi-worker / multi-replica sync).
         auto_promote_exports: point ``CURRENT`` at every new complete export by itself.
         reconcile_interval_s: also re-read ``CURRENT`` this often (file events can be missed
-            on network filesystems).
+            on network filesystems). On an object store this is the poll interval: every
+            replica starts its reload at most one interval (plus one read of ``CURRENT``)
+            after ``CURRENT`` changed, and serves the new version once that reload finished.
         shutdown_ready_delay_s: after SIGTERM, ``/ready`` answers 503 this long before the
             listener closes, so load balancers stop sending traffic first.
         graceful_shutdown_s: then in-flight requests get this long to finish.
@@ -91,7 +118,7 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    export_dir: Path = Path("exports")
+    export_dir: StoreLocation = Path("exports")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
@@ -116,21 +143,27 @@ class ServeSettings(BaseModel):
     shutdown_ready_delay_s: float = Field(default=1.0, ge=0)
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     brief_backend: BriefBackend = BriefBackend.RULES
-    llm_export_dir: Path | None = None
+    llm_export_dir: StoreLocation | None = None
     llm_warmup_steps: int = Field(default=1, ge=0)
     llm_load_timeout_s: float = Field(default=300.0, gt=0)
     llm_max_batch_size: int = Field(default=8, ge=1)
     llm_batch_wait_ms: float = Field(default=10.0, ge=0)
     llm_decoding: dict[BriefMode, GenerationSettings] = Field(default_factory=_default_llm_decoding)
 
-    def policy_store_dir(self) -> Path:
-        """The policy line's store: ``<export_dir>/policy`` if present, else ``export_dir``."""
+    def policy_store_dir(self) -> Path | str:
+        """The policy line's store: ``<export_dir>/policy`` if present, else ``export_dir``.
+
+        On an object store the versions are read in ``export_dir`` itself (a prefix cannot
+        be told "present" before something was uploaded under it).
+        """
+        if not isinstance(self.export_dir, Path):
+            return self.export_dir
         nested = self.export_dir / POLICY_STORE
         return nested if nested.is_dir() else self.export_dir
 
-    def brief_llm_store_dir(self) -> Path:
+    def brief_llm_store_dir(self) -> Path | str:
         """The brief LLM line's store (``llm_export_dir``, else ``<export_dir>/brief_llm``)."""
-        return self.llm_export_dir or self.export_dir / BRIEF_LLM_STORE
+        return self.llm_export_dir or _join(self.export_dir, BRIEF_LLM_STORE)
 
     def resolved_admin_token(self) -> str | None:
         """The admin token: the environment first, then the config; empty means none."""

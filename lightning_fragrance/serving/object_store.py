@@ -1,0 +1,358 @@
+"""Exports on an object store (``s3://bucket/exports``, any fsspec URL): publish, list, fetch.
+
+An object store has no rename and no directories, so the local protocol (a hidden temp
+directory renamed into place) becomes an upload order: every file of a version first, its
+``manifest.json`` last. The manifest is the commit marker: a version without one (an upload
+that failed or is still running) is never listed, loaded or pointed at, and a single S3 object
+appears whole or not at all, so a reader sees no manifest or a complete one.
+
+Loading downloads a version into a private local cache directory, hashing every file while
+it streams in (a size other than the manifest's is refused before a byte is read), and then
+runs the very checks a local export gets (``ExportStore.load``: regular files, sizes, sha256,
+the safetensors header before any tensor). Nothing from the store is unpickled.
+
+Endpoint and credentials come from the client's standard settings (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, profiles, instance
+roles) or an fsspec filesystem passed in; docs/serving.md, "Exports on an object store (S3)".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fsspec
+
+from lightning_fragrance.serving.loading import (
+    CURRENT_FILE,
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    ChecksumMismatchError,
+    ExportError,
+    ExportManifest,
+    ExportNotFoundError,
+    ExportStore,
+    FileEntry,
+    IncompleteExportError,
+    InvalidVersionNameError,
+    LoadedModel,
+    ManifestInvalidError,
+    UnsafeExportFileError,
+    entry_path,
+    validate_version_name,
+    version_name,
+    version_sequence,
+)
+
+log = logging.getLogger(__name__)
+
+# A pointer holds one version name; anything longer is not one (and is not read whole).
+MAX_POINTER_BYTES = 4096
+# Versions downloaded into the cache that stay there (the serving one and the one before it,
+# for a rollback without a download); older ones are deleted after each fetch.
+CACHED_VERSIONS = 2
+_CHUNK = 1 << 20
+
+
+def read_pointer(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The version a ``CURRENT`` object names, or ``None`` (missing, too large, not a name).
+
+    The client's listing cache is dropped first: s3fs answers ``info`` from a cached listing
+    of the parent, which would hide a new ``CURRENT`` from a poller forever.
+    """
+    try:
+        fs.invalidate_cache(path)
+        info = fs.info(path)
+        if info.get("type") != "file" or int(info.get("size") or 0) > MAX_POINTER_BYTES:
+            return None
+        raw = fs.cat_file(path, start=0, end=MAX_POINTER_BYTES)
+        return validate_version_name(bytes(raw).decode("utf-8").strip())
+    except (OSError, ValueError):
+        return None  # FileNotFoundError, UnicodeDecodeError, InvalidVersionNameError included
+
+
+def write_pointer(fs: fsspec.AbstractFileSystem, path: str, version: str) -> None:
+    """Upload ``version`` as the whole ``CURRENT`` object (one PUT replaces it atomically)."""
+    fs.pipe_file(path, (validate_version_name(version) + "\n").encode())
+
+
+class ObjectStoreExports(ExportStore):
+    """An export store behind an fsspec URL, loaded through a private local cache.
+
+    ``ExportStore("s3://bucket/exports")`` returns one of these. ``root`` is the local cache
+    (where ``path_for`` points and the local checks run); ``location`` is the store's URL.
+
+    Args:
+        root: the store's URL (or, with ``fs``, its path on that filesystem).
+        verify_checksums: hash every file while downloading and again on load (default True).
+        fs: a filesystem to use instead of the one fsspec infers from the URL (explicit
+            ``storage_options``: endpoint, credentials, retries).
+        cache_dir: where versions are downloaded (default: a new private temporary directory,
+            mode 0700, removed when the store is garbage-collected or the process exits).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        verify_checksums: bool = True,
+        fs: fsspec.AbstractFileSystem | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        url = str(root)
+        if fs is None:
+            fs, url = fsspec.core.url_to_fs(url)
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.remote_root = url.rstrip("/")
+        if cache_dir is None:
+            cache = Path(tempfile.mkdtemp(prefix="lf-export-cache-"))
+            weakref.finalize(self, shutil.rmtree, cache, True)
+        else:
+            cache = Path(cache_dir)
+            cache.mkdir(parents=True, exist_ok=True)
+        super().__init__(cache, verify_checksums=verify_checksums)
+        self.location = str(self.fs.unstrip_protocol(self.remote_root))
+        self._fetched: list[str] = []
+
+    @property
+    def current_path(self) -> str:
+        """``CURRENT``'s path on ``fs``."""
+        return f"{self.remote_root}/{CURRENT_FILE}"
+
+    def _remote(self, version: str, name: str = "") -> str:
+        base = f"{self.remote_root}/{validate_version_name(version)}"
+        return f"{base}/{name}" if name else base
+
+    # ------------------------------------------------------------------ listing
+
+    def versions(self) -> list[str]:
+        """Every version prefix in the store (complete or not), in name order."""
+        self.fs.invalidate_cache(self.remote_root)
+        try:
+            entries = self.fs.ls(self.remote_root, detail=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry in entries:
+            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") == "directory" and _is_version_name(name):
+                names.append(name)
+        return sorted(names)
+
+    def has_version(self, version: str) -> bool:
+        """Whether ``version`` is complete in the store (its manifest was uploaded)."""
+        with contextlib.suppress(ExportNotFoundError, IncompleteExportError):
+            self._manifest_bytes(version)
+            return True
+        return False
+
+    def read_manifest(self, version: str) -> ExportManifest:
+        """Parse ``version``'s manifest from the store (at most 1 MiB)."""
+        return _parse_manifest(self._remote(version, MANIFEST_FILE), self._manifest_bytes(version))
+
+    def _manifest_bytes(self, version: str) -> bytes:
+        path = self._remote(version, MANIFEST_FILE)
+        try:
+            size = _object_size(self.fs, path)
+        except FileNotFoundError:
+            if self.fs.exists(self._remote(version)):
+                raise IncompleteExportError(
+                    f"export {version!r} in {self.location} has no {MANIFEST_FILE}: its upload "
+                    "failed or is still running. Re-export it with lf-export."
+                ) from None
+            raise ExportNotFoundError(
+                f"export {version!r} not found in {self.location}; available: {self.versions()}"
+            ) from None
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestInvalidError(
+                f"{self.fs.unstrip_protocol(path)} has {size} bytes, over the limit of "
+                f"{MAX_MANIFEST_BYTES}; it is not a file lf-export wrote. Re-export it."
+            )
+        return bytes(self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES))
+
+    # ------------------------------------------------------------------ CURRENT
+
+    def current(self) -> str | None:
+        """The version ``CURRENT`` names in the store."""
+        return read_pointer(self.fs, self.current_path)
+
+    def set_current(self, version: str) -> None:
+        """Point the store's ``CURRENT`` at ``version``, which must be complete there."""
+        if not self.has_version(version):
+            raise ExportNotFoundError(
+                f"export {version!r} is not complete in {self.location} (no manifest); "
+                f"complete versions: {self.complete_versions()}"
+            )
+        write_pointer(self.fs, self.current_path, version)
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, version: str) -> LoadedModel:
+        """Download ``version`` into the cache (hash-checked), then load it like a local one."""
+        self.fetch(version)
+        return super().load(version)
+
+    def fetch(self, version: str) -> Path:
+        """Download ``version`` into the private cache and return its local directory.
+
+        Every file's size is checked against the manifest before it is read and its sha256
+        while it streams in; a mismatch leaves nothing in the cache. A version already in
+        the cache under the same manifest is not downloaded again (``load`` re-hashes it).
+
+        Raises:
+            ModelLoadError: a subclass naming what is wrong (missing, size, checksum, name).
+        """
+        raw = self._manifest_bytes(version)
+        manifest = _parse_manifest(self._remote(version, MANIFEST_FILE), raw)
+        target = self.path_for(version)
+        cached = target / MANIFEST_FILE
+        if not (cached.is_file() and cached.read_bytes() == raw):
+            self._download(version, manifest, raw, target)
+        self._remember(version)
+        return target
+
+    def _download(self, version: str, manifest: ExportManifest, raw: bytes, target: Path) -> None:
+        staging = self.root / f".tmp-{uuid.uuid4().hex}"
+        staging.mkdir(mode=0o700)
+        try:
+            for name, entry in manifest.files.items():
+                local = entry_path(staging, name)  # a plain file name, or refused
+                self._download_file(self._remote(version, name), local, entry)
+            (staging / MANIFEST_FILE).write_bytes(raw)
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _download_file(self, path: str, local: Path, entry: FileEntry) -> None:
+        url = self.fs.unstrip_protocol(path)
+        try:
+            size = _object_size(self.fs, path)
+        except FileNotFoundError:
+            raise IncompleteExportError(f"{url} is missing from the export") from None
+        if size != entry.bytes:
+            raise ChecksumMismatchError(
+                f"{url} has {size} bytes, the manifest declares {entry.bytes}; the object "
+                "changed after export. Re-export it."
+            )
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as src, local.open("xb") as out:
+            left = entry.bytes
+            while left > 0 and (block := src.read(min(_CHUNK, left))):
+                digest.update(block)
+                out.write(block)
+                left -= len(block)
+        if left:
+            raise ChecksumMismatchError(f"{url} ended {left} bytes short of the manifest's size")
+        if self.verify_checksums and digest.hexdigest() != entry.sha256:
+            raise ChecksumMismatchError(
+                f"{url}: sha256 {digest.hexdigest()[:12]}... differs from the manifest's "
+                f"{entry.sha256[:12]}...; the object changed after export. Re-export it."
+            )
+
+    def _remember(self, version: str) -> None:
+        if version in self._fetched:
+            self._fetched.remove(version)
+        self._fetched.append(version)
+        for old in self._fetched[:-CACHED_VERSIONS]:
+            shutil.rmtree(self.root / old, ignore_errors=True)
+        del self._fetched[:-CACHED_VERSIONS]
+
+
+def _is_version_name(name: str) -> bool:
+    try:
+        validate_version_name(name)
+    except InvalidVersionNameError:
+        return False
+    return True
+
+
+def _object_size(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """The size of the object at ``path``; refused unless it is a plain object (a "file")."""
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    if info.get("type") != "file":
+        raise UnsafeExportFileError(
+            f"{fs.unstrip_protocol(path)} is not an object (type {info.get('type')!r}); "
+            "exports hold plain files only. Re-export it."
+        )
+    return int(info.get("size") or 0)
+
+
+def _parse_manifest(path: str, raw: bytes) -> ExportManifest:
+    try:
+        return ExportManifest.model_validate_json(raw)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ManifestInvalidError(f"{path} is not a valid manifest: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def publish_export(
+    staging: Path,
+    url: str,
+    step: int,
+    files: Mapping[str, FileEntry],
+    source: str,
+    metrics: Mapping[str, float],
+    *,
+    make_current: bool = False,
+    fs: fsspec.AbstractFileSystem | None = None,
+) -> str:
+    """Upload the finished export in ``staging`` to the store at ``url``; return its URL.
+
+    Order: the files, then ``manifest.json`` (the commit marker), then ``CURRENT`` if asked.
+    An upload that fails removes what it uploaded when the store is still reachable; what it
+    cannot remove has no manifest, so it is never listed or loaded.
+
+    Raises:
+        ExportError: the upload failed (the cause is chained); no version was published.
+    """
+    if fs is None:
+        fs, root = fsspec.core.url_to_fs(url)
+    else:
+        root = url
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)
+    existing = fs.ls(root, detail=False) if fs.exists(root) else []
+    # Partial uploads count too: their sequence number is never reused by the next export.
+    sequence = max((version_sequence(str(p).rsplit("/", 1)[-1]) for p in existing), default=0)
+    version = version_name(sequence + 1, step)
+    prefix = f"{root}/{version}"
+    manifest = ExportManifest(
+        version=version,
+        files=dict(files),
+        source_checkpoint=source,
+        source_step=step,
+        metrics={k: float(v) for k, v in metrics.items()},
+        created_at=datetime.now(timezone.utc).isoformat(),
+    )
+    try:
+        for name in files:
+            fs.put_file(str(staging / name), f"{prefix}/{name}")
+        fs.pipe_file(f"{prefix}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode())
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            fs.rm(prefix, recursive=True)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: cleaned up, not reworded
+        raise ExportError(
+            f"uploading {version} to {fs.unstrip_protocol(root)} failed ({type(exc).__name__}: "
+            f"{exc}); no version was published (without its manifest it is never listed). "
+            "Check the endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) "
+            "and export again."
+        ) from exc
+    if make_current:
+        write_pointer(fs, f"{root}/{CURRENT_FILE}", version)
+    return str(fs.unstrip_protocol(prefix))
