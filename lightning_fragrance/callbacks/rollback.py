@@ -27,7 +27,7 @@ from lightning_fragrance.callbacks.evidence import LoggedEvidence
 from lightning_fragrance.callbacks.sharded_state import (
     ShardedTrainerState,
     sharded_model_key,
-    verified_resume_state,
+    verify_before_load,
 )
 from lightning_fragrance.callbacks.trainer_state import (
     RNG_KEY,
@@ -86,7 +86,10 @@ class RollbackCheckpoint(Checkpoint):
     The files are standard Lightning checkpoints (``Trainer.fit(ckpt_path=...)`` resumes them,
     with this callback's history, counters and budget) that load with
     ``torch.load(weights_only=True)``; ``checkpoint_history.json`` beside them is the commit
-    record and names the run (``run_id``) that wrote them.
+    record and names the run (``run_id``) that wrote them. Under a sharding strategy
+    (``ModelParallelStrategy``/FSDP2, ``FSDPStrategy``) every rank saves and restores its own
+    shard with ``torch.distributed.checkpoint`` instead: a checkpoint is a directory
+    (`lightning_fragrance.checkpointing.sharded`, docs/checkpointing.md).
 
     Args:
         dirpath: Directory or fsspec URL of the checkpoints. None (default): one per run, under
@@ -235,7 +238,6 @@ class RollbackCheckpoint(Checkpoint):
         self._grad_norm_sq: float | None = None
         self._reported_cadence = False
         self._sharded_key: str | None = None
-        self._resume_step: int | None = None
 
     # ------------------------------------------------------------------ Lightning identity
     @property
@@ -311,23 +313,13 @@ class RollbackCheckpoint(Checkpoint):
         self._trainer = trainer
         if stage != "fit" or _fast_dev_run(trainer):
             return
-        self._setup_sharded(trainer)
+        self._sharded_key = sharded_model_key(trainer.strategy, _NAME)
+        if self._sharded_key is not None:  # DCP's .metadata is a pickle: hashes first
+            verify_before_load(trainer.strategy, _NAME)
         if self.dirpath is None:
             return
         if trainer.is_global_zero:  # fail now, not at the first save
             self._check_writable(self.dirpath)
-
-    def _setup_sharded(self, trainer: pl.Trainer) -> None:
-        """A sharded strategy saves each rank's shard (`sharded_state`). Its resumed checkpoint
-        is restored after ``on_fit_start``: verify it now and take this callback's state from
-        it, as Lightning does before ``on_fit_start`` for other strategies."""
-        self._sharded_key = sharded_model_key(trainer.strategy, _NAME)
-        if self._sharded_key is None or not trainer.ckpt_path:
-            return
-        resumed = verified_resume_state(trainer, str(trainer.ckpt_path), self.state_key, _NAME)
-        if resumed is not None:
-            state, self._resume_step = resumed
-            self.load_state_dict(state)
 
     def _check_writable(self, dirpath: str) -> None:
         probe = CheckpointStore(dirpath, self.max_checkpoints, fs=self._fs, read_only=True)
@@ -335,8 +327,16 @@ class RollbackCheckpoint(Checkpoint):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _fast_dev_run(trainer):
+        if _fast_dev_run(trainer) or self._starts_late(trainer):
             return
+        self._start_engine(trainer)
+
+    def _starts_late(self, trainer: pl.Trainer) -> bool:
+        """Sharding strategies restore a resumed checkpoint (this callback's state, the step)
+        only after ``on_fit_start``: the engine then starts in ``on_train_start``."""
+        return self._sharded_key is not None and trainer.strategy.restore_checkpoint_after_setup
+
+    def _start_engine(self, trainer: pl.Trainer) -> None:
         # After Lightning restored a resumed checkpoint (and this callback's state with it).
         loaded = self._loaded or {}
         run_id = str(loaded.get("guard", {}).get("run_id", "")) or uuid.uuid4().hex[:12]
@@ -372,8 +372,7 @@ class RollbackCheckpoint(Checkpoint):
         )
         if loaded:
             self.engine.load_state_dict(loaded)
-            resumed = self._resume_step
-            self._reconcile(trainer.global_step if resumed is None else resumed)
+            self._reconcile(trainer.global_step)
         self.engine.guard.run_id = run_id
 
     def _check_shared(
@@ -409,6 +408,8 @@ class RollbackCheckpoint(Checkpoint):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is None and not _fast_dev_run(trainer) and self._starts_late(trainer):
+            self._start_engine(trainer)
         if self.engine is not None:
             self._last_step = trainer.global_step
             self.engine.start(trainer.global_step, self._provider(trainer, pl_module))

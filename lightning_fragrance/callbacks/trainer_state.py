@@ -76,6 +76,12 @@ class TrainerState:
         strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
         if strategy.lightning_restore_optimizer and "optimizer_states" in checkpoint:
             self._restore_optimizers(checkpoint, from_memory)
+        self.restore_rest(checkpoint, from_memory)
+
+    def restore_rest(self, checkpoint: Mapping[str, Any], from_memory: bool) -> None:
+        """Everything after the weights and optimizers: schedulers, precision plugin, RNG, and
+        the gradients dropped (shared with the sharded provider, which loads those itself)."""
+        trainer, pl_module = self.trainer, self.pl_module
         if self.restore_scheduler:
             states = checkpoint.get("lr_schedulers", [])
             for config, saved in zip(trainer.lr_scheduler_configs, states, strict=False):
@@ -120,7 +126,8 @@ def default_dirpath(trainer: pl.Trainer) -> str:
     loggers, else the next free ``<log_dir or default_root_dir>/checkpoints/version_N``."""
     resumed = trainer.ckpt_path
     if resumed:
-        parent = os.path.dirname(os.fspath(resumed))
+        # rstrip: a sharded checkpoint is a directory, which may be given with a trailing "/"
+        parent = os.path.dirname(os.fspath(resumed).rstrip("/"))
         fs, path = fsspec.core.url_to_fs(parent)
         if fs.exists(f"{path}/{HISTORY_FILE}"):
             return parent

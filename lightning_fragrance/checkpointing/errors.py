@@ -33,3 +33,8 @@ class MissingMetricError(CheckpointError, KeyError):
 class CheckpointDirectoryError(CheckpointError):
     """The checkpoint directory cannot be used: another run's history is there, or this run
     cannot write to it. The message names the directory and the ways out."""
+
+
+class ShardedWriteError(CheckpointError):
+    """A sharded checkpoint was not committed: a rank failed to write or hash its files (or
+    rank 0 to commit them). Raised on every rank alike; nothing of that step is listed."""

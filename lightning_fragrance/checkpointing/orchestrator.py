@@ -6,6 +6,10 @@ and hand over a `StateProvider` that says what to save and how to restore it. De
 from `RollbackGuard` (pure); files from `CheckpointStore` through one ordered background
 writer; the fast path of a rollback is the in-memory snapshot of the newest save. No Lightning
 import: DDP agreement and framework state stay in the adapters.
+
+Sharded runs (FSDP2) hand in a `ShardedCheckpointer`: every save and restore is then collective
+(each rank writes and loads its own shard with torch.distributed.checkpoint, the commit waits for
+all), synchronous, and without the in-memory snapshot (rollbacks read the verified shards).
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from typing import Any, Protocol
 import torch
 
 from lightning_fragrance.checkpointing.conditions import RollbackConditions
-from lightning_fragrance.checkpointing.errors import CheckpointCorruptError, RollbackBudgetExceeded
+from lightning_fragrance.checkpointing.errors import (
+    CheckpointCorruptError,
+    NoGoodCheckpointError,
+    RollbackBudgetExceeded,
+    ShardedWriteError,
+)
 from lightning_fragrance.checkpointing.guard import Observation, RollbackGuard
 from lightning_fragrance.checkpointing.memory_budget import (
     HostMemoryPlan,
@@ -35,6 +44,7 @@ from lightning_fragrance.checkpointing.records import (
     Trigger,
 )
 from lightning_fragrance.checkpointing.recovery import Snapshot, find_restore_source
+from lightning_fragrance.checkpointing.sharded import ShardedCheckpointer, ShardedStateProvider
 from lightning_fragrance.checkpointing.snapshot import AsyncCheckpointWriter, StagingPool
 from lightning_fragrance.checkpointing.store import CheckpointStore
 from lightning_fragrance.checkpointing.triggers import LOSS, REWARD, Verdict
@@ -127,6 +137,11 @@ class RollbackOrchestrator:
         host_memory_budget: Host bytes the guard may hold in copies of the training state
             (staged saves and the snapshot); None = one copy (`memory_budget`). Below one copy,
             saves are written synchronously from the live state and there is no snapshot.
+        sharded: Save and restore every rank's shard collectively through this (FSDP2); the
+            providers are then `ShardedStateProvider`s, ``async_save`` and ``keep_in_memory``
+            do not apply (saves block until every rank's shard is durable; rollbacks read the
+            verified shards: a per-rank snapshot would add a host copy of each shard for a
+            fast path the sharded file load already is, in place and without a gather).
     """
 
     def __init__(
@@ -144,6 +159,7 @@ class RollbackOrchestrator:
         dry_run: bool = False,
         barrier: Callable[[], None] | None = None,
         host_memory_budget: float | None = None,
+        sharded: ShardedCheckpointer | None = None,
     ) -> None:
         if save_every < 1:
             raise ValueError(f"save_every={save_every} must be >= 1")
@@ -155,6 +171,10 @@ class RollbackOrchestrator:
         self.keep_in_memory = keep_in_memory
         self.dry_run = dry_run
         self.barrier = barrier
+        self.sharded = sharded
+        if sharded is not None:  # see `sharded` above
+            async_save, keep_in_memory = False, False
+            self.keep_in_memory = False
         self.guard = RollbackGuard(conditions, store.max_checkpoints, signals, run_id)
         self.writer = (
             AsyncCheckpointWriter(store, [observers]) if is_writer and async_save else None
@@ -235,6 +255,8 @@ class RollbackOrchestrator:
         if not self.due(step):
             return StepOutcome(observation)
         bad = non_finite_parameter(provider.parameters())
+        if self.sharded is not None:  # each rank checked only its own shards
+            bad = self.sharded.first_bad(bad)
         if bad is not None:
             trigger = Trigger(
                 RollbackReason.NON_FINITE,
@@ -284,6 +306,8 @@ class RollbackOrchestrator:
         # Into the ledger before capture: a Lightning checkpoint then lists its own entry in
         # the callback state it carries (research note §7.5).
         record = self.guard.record_save(step, values, initial=initial)
+        if self.sharded is not None:
+            return self._save_sharded(self.sharded, step, provider, values, record, started)
         live = provider.capture()
         plan = self._plan_memory(live)
         if plan.staged_sets == 0:
@@ -382,6 +406,30 @@ class RollbackOrchestrator:
             self.observers.on_checkpoint_saved(step, committed.bytes, blocking, blocking)
         return record
 
+    def _save_sharded(
+        self,
+        sharded: ShardedCheckpointer,
+        step: int,
+        provider: StateProvider,
+        values: Mapping[str, float],
+        record: CheckpointRecord,
+        started: float,
+    ) -> CheckpointRecord:
+        """Every rank writes its shard; rank 0 commits once all are hashed (collective)."""
+        state = _as_sharded(provider).capture_sharded()
+        self.next_save = next_save_step(step, self.save_every)
+        try:
+            committed = sharded.save(
+                step, state, values, record.status, run_id=record.run_id, initial=record.initial
+            )
+        except ShardedWriteError as err:  # every rank alike: the step is forgotten everywhere
+            self.on_write_error(step, err)
+            return record
+        if self.is_writer:
+            blocking = time.perf_counter() - started
+            self.observers.on_checkpoint_saved(step, committed.bytes, blocking, blocking)
+        return record
+
     # ------------------------------------------------------------------ rollback
     def prepare(self, step: int, trigger: Trigger) -> CheckpointRecord | None:
         """Book a fire: reject the states it proves unproven or damaged, check the budget, and
@@ -459,6 +507,9 @@ class RollbackOrchestrator:
         candidates = self.guard.candidates(step)
         if not candidates:
             return None
+        if self.sharded is not None:
+            sharded = self.sharded
+            return self._restore_sharded(sharded, step, trigger, candidates, provider, remedies)
         from_memory = self.snapshot is not None and self.snapshot.step == candidates[0].step
         if not from_memory and self.memory_plan is not None and self.memory_plan.staged_sets < 3:
             # Within a tight budget the file is read in place of the snapshot and the spare
@@ -475,18 +526,66 @@ class RollbackOrchestrator:
         source = find_restore_source(candidates, self.snapshot, self.store, self._on_corrupt)
         with self.store.protect(source.record.step):
             provider.restore(source.payload, source.from_memory)
+        self._record_restore(step, source.record, trigger, source.from_memory, remedies)
+        return source.record
+
+    def _record_restore(
+        self,
+        step: int,
+        record: CheckpointRecord,
+        trigger: Trigger,
+        from_memory: bool,
+        remedies: Callable[[], Mapping[str, Any]] | None,
+    ) -> None:
+        """After a restore: remedies, the event, the entries it abandons, the observers."""
         applied = dict(remedies()) if remedies is not None else {}
         event = self.guard.record_rollback(
-            step, source.record, trigger, from_memory=source.from_memory, **applied
+            step, record, trigger, from_memory=from_memory, **applied
         )
         for entry in self.guard.ledger:
-            if entry.step > source.record.step:
+            if entry.step > record.step:
                 self._store_update(step, entry.step)
         self._store_event(event)
-        self.observers.on_rollback(step, source.record.step, trigger.code)
+        self.observers.on_rollback(step, record.step, trigger.code)
         if self.is_writer:
-            log.warning(format_rolled_back(source.record))
-        return source.record
+            log.warning(format_rolled_back(record))
+
+    def _restore_sharded(
+        self,
+        sharded: ShardedCheckpointer,
+        step: int,
+        trigger: Trigger,
+        candidates: list[CheckpointRecord],
+        provider: StateProvider,
+        remedies: Callable[[], Mapping[str, Any]] | None,
+    ) -> CheckpointRecord:
+        """Every rank loads the first intact candidate's shards in place (collective: the
+        ranks agree on the candidates, on each file check and on each load's outcome)."""
+        if self.barrier is not None:
+            self.barrier()
+        if not self.is_writer:
+            self.store.refresh()
+        skipped: list[str] = []
+        for candidate in candidates:
+            stored = self.store.record(candidate.step)
+            if stored is None or not stored.sharded:
+                skipped.append(f"{candidate.file}: not committed as a sharded checkpoint")
+                continue
+            try:
+                with self.store.protect(stored.step):
+                    sharded.load(stored, _as_sharded(provider))
+            except CheckpointCorruptError as err:
+                self._on_corrupt(candidate, err)
+                if self.is_writer:
+                    self.store.mark_corrupt(stored.step, str(err))
+                skipped.append(str(err))
+                continue
+            self._record_restore(step, stored, trigger, False, remedies)
+            return stored
+        raise NoGoodCheckpointError(
+            f"No intact sharded checkpoint to roll back to ({'; '.join(skipped)}). Training "
+            "cannot recover by itself: resume by hand from an older copy, or restart the run."
+        )
 
     def _on_corrupt(self, record: CheckpointRecord, error: CheckpointCorruptError) -> None:
         if self.is_writer:
@@ -549,3 +648,13 @@ class RollbackOrchestrator:
         """Inverse of `state_dict`."""
         self.guard.load_state_dict(state.get("guard", {}))
         self.next_save = int(state.get("next_save_step", self.save_every))
+
+
+def _as_sharded(provider: StateProvider) -> ShardedStateProvider:
+    """The provider of a sharded run, or an error naming what it lacks."""
+    if not isinstance(provider, ShardedStateProvider):
+        raise TypeError(
+            f"{type(provider).__name__} cannot save or restore sharded state: a sharded run "
+            "needs a ShardedStateProvider (capture_sharded, load_targets, restore_sharded)."
+        )
+    return provider

@@ -58,6 +58,11 @@ class CheckpointRecord:
         note: Why it was rejected or is corrupt, for people reading the history.
         initial: The state the run started from (taken at train start): the last-resort
             target while nothing is certified yet.
+        sharded: ``file`` is a directory of `torch.distributed.checkpoint` shards, one file per
+            rank plus DCP's ``.metadata`` and Lightning's ``meta.pt``; ``sha256`` and
+            ``bytes`` then cover `files` as a whole.
+        files: For a sharded checkpoint, every file of the directory:
+            ``{name: {"sha256": hex, "bytes": size}}``; each is verified before anything reads it.
     """
 
     step: int
@@ -72,6 +77,8 @@ class CheckpointRecord:
     evidence: dict[str, float] = dataclasses.field(default_factory=dict)
     note: str = ""
     initial: bool = False
+    sharded: bool = False
+    files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def is_rollback_target(self) -> bool:
@@ -90,6 +97,10 @@ class CheckpointRecord:
         kwargs["step"] = int(kwargs["step"])
         for name in ("metrics", "evidence"):
             kwargs[name] = {str(k): float(v) for k, v in dict(kwargs.get(name, {})).items()}
+        kwargs["files"] = {
+            str(k): {"sha256": str(v["sha256"]), "bytes": int(v["bytes"])}
+            for k, v in dict(kwargs.get("files", {})).items()
+        }
         return cls(**kwargs)
 
     def baseline(self) -> dict[str, float]:
@@ -165,3 +176,15 @@ class RollbackDecision(NamedTuple):
 def checkpoint_file_name(step: int) -> str:
     """The file name of the checkpoint taken at ``step`` (DESIGN.md §4)."""
     return f"checkpoint_step_{step}.ckpt"
+
+
+SHARDED_META_FILE = "meta.pt"
+"""The file of a sharded checkpoint that holds everything but the sharded tensors (loops,
+callbacks, schedulers, RNG), written by rank 0 with ``torch.save``: Lightning's name for it
+(``lightning.fabric.utilities.load._METADATA_FILENAME``), so ``fit(ckpt_path=<dir>)`` resumes."""
+
+
+def sharded_checkpoint_name(step: int) -> str:
+    """The directory name of the sharded checkpoint taken at ``step`` (no suffix: Lightning's
+    ModelParallelStrategy resumes from a directory holding ``meta.pt``, whatever its name)."""
+    return f"checkpoint_step_{step}"

@@ -4,6 +4,10 @@ Layout (DESIGN.md §4)::
 
     checkpoint_step_500.ckpt  checkpoint_step_1000.ckpt  ...  checkpoint_history.json
 
+A sharded checkpoint (`sharded`) is a directory instead, ``checkpoint_step_500/``, committed by
+`commit_directory` once every rank wrote its files into ``checkpoint_step_500.tmp/``: rename,
+then the history lists every file with its sha256.
+
 Commit protocol: write ``<file>.tmp`` while hashing (`HashingWriter`: sha256 of the bytes as
 they are written, no second pass), fsync, rename, then rewrite the history (tmp + fsync +
 rename), then apply retention. The history is the truth: a file it does not list is not a
@@ -19,6 +23,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,9 +41,11 @@ from lightning_fragrance.checkpointing.errors import (
 from lightning_fragrance.checkpointing.hashing_writer import HashingWriter
 from lightning_fragrance.checkpointing.records import (
     HISTORY_SCHEMA_VERSION,
+    SHARDED_META_FILE,
     CheckpointRecord,
     CheckpointStatus,
     checkpoint_file_name,
+    sharded_checkpoint_name,
 )
 
 log = logging.getLogger("lightning_fragrance.checkpointing")
@@ -46,6 +53,23 @@ log = logging.getLogger("lightning_fragrance.checkpointing")
 HISTORY_FILE = "checkpoint_history.json"
 TMP_SUFFIX = ".tmp"
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def file_digest(path: str) -> tuple[str, int]:
+    """sha256 and size of a local file, read in chunks (nothing held in memory)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def manifest_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """One sha256 for a directory's files (name and digest of each, sorted): the ``sha256`` of
+    a sharded entry, so every entry of the history has one."""
+    lines = "".join(f"{name}\t{files[name]['sha256']}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 class CheckpointStore:
@@ -361,6 +385,101 @@ class CheckpointStore:
                 self._protect_remove(step)
         return CheckpointRecord.from_dict(record.to_dict())
 
+    # ------------------------------------------------------------------ sharded writing
+    def staging_directory(self, step: int) -> str:
+        """Local path of the directory the ranks write the shards of ``step`` into.
+
+        Raises:
+            CheckpointError: The store is not on a local (or shared, POSIX-mounted) filesystem:
+                `torch.distributed.checkpoint`'s file writer needs one.
+        """
+        if not self._local:
+            raise CheckpointError(
+                f"Sharded checkpoints need a local or shared filesystem path; {self.directory} "
+                f"is on {type(self.fs).__name__}. Save them to a mounted path (and copy them to "
+                "the object store afterwards), or train with a strategy that saves one file."
+            )
+        return self.path(sharded_checkpoint_name(step) + TMP_SUFFIX)
+
+    def prepare_staging(self, step: int) -> str:
+        """Create an empty staging directory for ``step`` (one process: the writer)."""
+        staging = self.staging_directory(step)
+        shutil.rmtree(staging, ignore_errors=True)  # the rest of an earlier, failed attempt
+        os.makedirs(staging)
+        return staging
+
+    def discard_staging(self, step: int) -> None:
+        """Delete the staging directory of ``step``: its write failed, nothing is listed."""
+        shutil.rmtree(self.staging_directory(step), ignore_errors=True)
+
+    def commit_directory(
+        self,
+        step: int,
+        files: Mapping[str, Mapping[str, Any]],
+        metrics: Mapping[str, float],
+        status: str | CheckpointStatus = CheckpointStatus.PENDING,
+        *,
+        run_id: str = "",
+        initial: bool = False,
+    ) -> CheckpointRecord:
+        """Publish the staging directory of ``step``, every rank's files written and hashed.
+
+        ``files`` must name every file of the directory with its sha256 and size (they were
+        hashed by the rank that wrote them). Order: fsync the files' directory, rename it to
+        its final name, fsync the parent, then the history, then retention: a crash before the
+        history leaves an unlisted directory, never a listed one that is incomplete.
+
+        Raises:
+            CheckpointError: Read-only store, or the directory holds files ``files`` does not
+                name (or lacks some it names).
+        """
+        if self.read_only:
+            raise CheckpointError(
+                f"Store {self.directory} was opened read-only; cannot commit step {step}."
+            )
+        staging = self.staging_directory(step)
+        name = sharded_checkpoint_name(step)
+        present = set(os.listdir(staging))
+        if present != set(files):
+            raise CheckpointError(
+                f"{staging}: the ranks reported {sorted(files)} but the directory holds "
+                f"{sorted(present)}; not committed."
+            )
+        with self._lock:
+            self._protect_add(step)
+        try:
+            _fsync_path(staging)
+            final = self.path(name)
+            shutil.rmtree(final, ignore_errors=True)  # an unlisted leftover of a crash
+            os.replace(staging, final)
+            self._fsync_directory()
+            listed: dict[str, dict[str, Any]] = {
+                n: {"sha256": str(d["sha256"]), "bytes": int(d["bytes"])} for n, d in files.items()
+            }
+            record = CheckpointRecord(
+                step=step,
+                file=name,
+                sha256=manifest_digest(listed),
+                bytes=sum(int(d["bytes"]) for d in listed.values()),
+                created_at=time.time(),
+                metrics={str(k): float(v) for k, v in metrics.items()},
+                status=CheckpointStatus(status).value,
+                run_id=run_id or self.run_id,
+                initial=initial,
+                sharded=True,
+                files=listed,
+            )
+            with self._lock:
+                self._entries = [e for e in self._entries if e.step != step]
+                self._entries.append(record)
+                self._entries.sort(key=lambda r: r.step)
+                self._write_history()
+                self._apply_retention()
+        finally:
+            with self._lock:
+                self._protect_remove(step)
+        return CheckpointRecord.from_dict(record.to_dict())
+
     def _write_payload(self, file: str, payload: Mapping[str, Any]) -> tuple[str, int]:
         tmp, final = self.path(file + TMP_SUFFIX), self.path(file)
         try:
@@ -428,7 +547,8 @@ class CheckpointStore:
             if str(name).endswith(TMP_SUFFIX):
                 log.info("Removing orphan temporary file %s left by an interrupted write", name)
                 try:
-                    self.fs.rm(name)
+                    # recursive: a sharded save stages a directory
+                    self.fs.rm(name, recursive=self.fs.isdir(name))
                 except FileNotFoundError:
                     pass
                 except OSError as err:  # a read-only filesystem: it is never read anyway
@@ -487,17 +607,47 @@ class CheckpointStore:
         self._write_history()
         for victim in victims:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self.path(victim.file))
+                self.fs.rm(self.path(victim.file), recursive=victim.sharded)
             log.debug("Retention removed %s", victim.file)
 
     # ------------------------------------------------------------------ reading
     def verify(self, record: CheckpointRecord) -> bool:
-        """Whether the file exists and matches its recorded sha256 and size."""
+        """Whether the file (every file of a sharded one) exists and matches its recorded
+        sha256 and size."""
         try:
-            self._read_verified(record)
+            if record.sharded:
+                self.verify_files(record)
+            else:
+                self._read_verified(record)
         except CheckpointCorruptError:
             return False
         return True
+
+    def verify_files(self, record: CheckpointRecord, names: Iterable[str] | None = None) -> None:
+        """Check files of a sharded checkpoint against the history (default: all of them).
+
+        Raises:
+            CheckpointCorruptError: A file is missing, or its sha256 or size differ.
+        """
+        if not record.sharded or not record.files:
+            raise CheckpointCorruptError(
+                f"{record.file} (step {record.step}) has no per-file digests in {HISTORY_FILE}"
+            )
+        for name in sorted(record.files if names is None else names):
+            expected = record.files[name]
+            where = f"{record.file}/{name} (step {record.step})"
+            try:
+                digest, size = file_digest(self.path(f"{record.file}/{name}"))
+            except FileNotFoundError as err:
+                raise CheckpointCorruptError(
+                    f"{where} is listed in {HISTORY_FILE} but missing"
+                ) from err
+            if digest != expected["sha256"] or size != expected["bytes"]:
+                raise CheckpointCorruptError(
+                    f"{where} failed its integrity check: sha256 {digest[:12]}... with {size} "
+                    f"bytes, history expects {str(expected['sha256'])[:12]}... with "
+                    f"{expected['bytes']} bytes (truncated or bit-flipped)"
+                )
 
     def _read_verified(self, record: CheckpointRecord) -> bytes:
         path = self.path(record.file)
@@ -539,6 +689,11 @@ class CheckpointStore:
             CheckpointCorruptError: The file is missing, truncated, bit-flipped or unreadable;
                 the entry is marked ``corrupt`` in the history (unless read-only).
         """
+        if record.sharded:
+            raise CheckpointError(
+                f"{record.file} (step {record.step}) is sharded: every rank loads its shard "
+                "collectively (ShardedCheckpointer.load), never one process alone."
+            )
         with self.protect(record.step):
             try:
                 return self._read_safely(record)
@@ -550,10 +705,28 @@ class CheckpointStore:
         """What `load` would refuse in this file (sha256, then the safe load), or None when it
         loads. Records nothing: for ``lf-checkpoints verify`` and other read-only callers."""
         try:
-            self._read_safely(record)
+            if record.sharded:
+                self._check_sharded(record)
+            else:
+                self._read_safely(record)
         except CheckpointCorruptError as err:
             return str(err)
         return None
+
+    def _check_sharded(self, record: CheckpointRecord) -> None:
+        """Every file's sha256, then the one part torch.load reads (``meta.pt``), safely.
+        DCP's ``.metadata`` is a pickle: it is only ever read after its sha256 matched."""
+        self.verify_files(record)
+        meta = SHARDED_META_FILE
+        if meta not in record.files:
+            return
+        try:
+            torch.load(self.path(f"{record.file}/{meta}"), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointCorruptError(
+                f"{record.file}/{meta} (step {record.step}) matches its sha256 but cannot be "
+                f"loaded with torch.load(weights_only=True): {type(err).__name__}: {err}"[:600]
+            ) from err
 
     def _read_safely(self, record: CheckpointRecord) -> dict[str, Any]:
         if self._local:
@@ -580,6 +753,10 @@ class CheckpointStore:
             raise CheckpointCorruptError(f"{record.file} does not hold a checkpoint dict")
         return loaded
 
+    def mark_corrupt(self, step: int, why: str) -> None:
+        """Record that the checkpoint of ``step`` failed its check (``why``) in the history."""
+        self._mark_corrupt(step, why)
+
     def _mark_corrupt(self, step: int, why: str) -> None:
         with self._lock:
             for entry in self._entries:
@@ -591,3 +768,22 @@ class CheckpointStore:
     def steps(self) -> Iterable[int]:
         """Committed steps, oldest first."""
         return [r.step for r in self.records()]
+
+
+def _fsync_path(directory: str) -> None:
+    """fsync every file of ``directory`` and the directory itself (POSIX; best effort where a
+    platform cannot open a directory). DCP fsyncs its shards; ``meta.pt`` and the entries of the
+    directory are made durable here, before the rename publishes them."""
+    for name in os.listdir(directory):
+        with contextlib.suppress(OSError):
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
