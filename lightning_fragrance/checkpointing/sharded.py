@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.storage import StorageWriter
 
@@ -51,6 +52,7 @@ MODEL_KEYS = ("state_dict", "model")
 ours) or ``model`` (FSDPStrategy with ``state_dict_type="sharded"``)."""
 
 _OWNED = re.compile(r"^__(\d+)_")
+# DCP's CheckpointException derives from BaseException (not Exception): caught by name below.
 
 
 class ShardedState(NamedTuple):
@@ -185,7 +187,7 @@ class ShardedCheckpointer:
                 if self.rank == 0:
                     torch.save(state.extra, os.path.join(staging, SHARDED_META_FILE))
                 digests = self._own_digests(staging)
-            except Exception as err:  # reported to every rank below, never raised alone
+            except (Exception, CheckpointException) as err:  # reported to every rank below
                 failure = f"{type(err).__name__}: {err}"[:600]
             reports = self.collectives.all_gather_object((failure, digests))
             failures = [f"rank {r}: {f}" for r, (f, _) in enumerate(reports) if f]
@@ -301,7 +303,7 @@ class ShardedCheckpointer:
         targets = provider.load_targets()
         try:
             dcp.load(targets, storage_reader=dcp.FileSystemReader(directory))
-        except Exception as err:  # DCP raises on every rank when one rank fails
+        except (Exception, CheckpointException) as err:  # DCP raises it on every rank
             raise CheckpointCorruptError(
                 f"{record.file} (step {record.step}) matches its sha256 but dcp.load failed: "
                 f"{type(err).__name__}: {err}"[:600]

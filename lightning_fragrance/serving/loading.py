@@ -507,6 +507,24 @@ def _verify_against_history(source: Path, entry: Mapping[str, Any] | None) -> No
         )
 
 
+def _consolidate_sharded(source: Path, entry: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full checkpoint of a sharded checkpoint directory, assembled in this process with
+    ``torch.distributed.checkpoint`` after every file matched its history sha256 (its
+    ``.metadata`` is a pickle: nothing is read before)."""
+    from lightning_fragrance.checkpointing.errors import CheckpointError
+    from lightning_fragrance.checkpointing.sharded import consolidate_checkpoint
+
+    if entry is not None and entry.get("status") == "corrupt":
+        raise ExportError(
+            f"{source} is marked corrupt in its checkpoint_history.json "
+            f"({entry.get('note') or 'failed its integrity check'}); export another checkpoint."
+        )
+    try:
+        return consolidate_checkpoint(source)
+    except CheckpointError as exc:
+        raise ExportError(f"{exc} Nothing was exported.") from exc
+
+
 def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], source: Path) -> None:
     """A server refuses NaN/Inf weights at reload; refuse them here, before an export exists."""
     for name, tensor in tensors.items():
@@ -570,7 +588,8 @@ def export(
     written, so an export that exists always loads.
 
     Args:
-        ckpt_path: a Lightning checkpoint (``state_dict``, ``hyper_parameters``, ``global_step``).
+        ckpt_path: a Lightning checkpoint (``state_dict``, ``hyper_parameters``, ``global_step``),
+            or a sharded checkpoint directory the guard wrote (FSDP2; consolidated offline).
         out_dir: the export store; created if missing. A URL (``s3://bucket/exports``) publishes
             to that object store instead (files first, manifest last; ``serving.object_store``)
             and returns the version's URL.
@@ -585,11 +604,15 @@ def export(
         ModelLoadError: the checkpoint is unsafe, unreadable, or does not fit ``model_class``.
     """
     source = Path(ckpt_path)
-    if not source.is_file():
-        raise ExportNotFoundError(f"checkpoint {source} does not exist")
-    record = _history_entry(source)
-    _verify_against_history(source, record)
-    ckpt = load_checkpoint_safely(source)
+    if source.is_dir():  # a sharded checkpoint (FSDP2): every file verified, then consolidated
+        record = _history_entry(source)
+        ckpt = _consolidate_sharded(source, record)
+    else:
+        if not source.is_file():
+            raise ExportNotFoundError(f"checkpoint {source} does not exist")
+        record = _history_entry(source)
+        _verify_against_history(source, record)
+        ckpt = load_checkpoint_safely(source)
     state_dict = ckpt.get("state_dict")
     if not isinstance(state_dict, dict) or not state_dict:
         raise ExportError(f"{source} has no 'state_dict'; is it a Lightning checkpoint?")
