@@ -33,6 +33,9 @@ from typing import Any
 import torch
 
 from lightning_fragrance.llm.model import load_model, save_model
+
+# The private helpers are the checks `serving.loading.export` runs on a policy checkpoint
+# (history sha256, non-finite weights): both model lines refuse the same checkpoints alike.
 from lightning_fragrance.serving.loading import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
@@ -40,11 +43,16 @@ from lightning_fragrance.serving.loading import (
     ChecksumMismatchError,
     ExportError,
     ExportManifest,
+    ExportNotFoundError,
     FileEntry,
     IncompleteExportError,
     ManifestInvalidError,
     StateDictMismatchError,
     UnsafeExportFileError,
+    _history_entry,
+    _metrics_from_history,
+    _refuse_non_finite,
+    _verify_against_history,
     check_shapes,
     load_checkpoint_safely,
     read_safetensors_header,
@@ -60,6 +68,23 @@ DEFAULT_MODEL_NAME = "brief_llm"
 REQUIRED_FILES = ("config.json", WEIGHTS_FILE, "generation_config.json", "tokenizer.json")
 # The weights of the policy inside a GRPO training checkpoint (`BriefGRPO.policy`).
 CHECKPOINT_PREFIX = "policy."
+# The hyperparameter that marks a `BriefGRPO` checkpoint: the SFT model it started from.
+SFT_DIR_HPARAM = "sft_dir"
+
+
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A training checkpoint that passed its history check and ``weights_only`` loading.
+
+    Attributes:
+        path: The checkpoint file.
+        content: What ``torch.load(weights_only=True)`` returned.
+        metrics: The metrics its ``checkpoint_history.json`` entry records (empty without one).
+    """
+
+    path: Path
+    content: dict[str, Any]
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -123,6 +148,34 @@ def export_brief_model(
     return final
 
 
+def is_brief_checkpoint(ckpt: Mapping[str, Any]) -> bool:
+    """Whether a loaded training checkpoint is the brief LLM's (a `BriefGRPO` names the SFT
+    directory it started from in its hyperparameters; the PPO policy's never does)."""
+    hparams = ckpt.get("hyper_parameters")
+    return isinstance(hparams, Mapping) and SFT_DIR_HPARAM in hparams
+
+
+def load_verified_checkpoint(ckpt_path: str | Path) -> VerifiedCheckpoint:
+    """Check a checkpoint against its guard's history, then read it with ``weights_only=True``.
+
+    The bytes are hashed before anything is unpickled: a checkpoint that ``lf-checkpoints
+    verify`` calls CORRUPT (bit flip, truncation) must not become a fresh, valid-looking
+    export. A checkpoint without a ``checkpoint_history.json`` beside it is read as it is.
+
+    Raises:
+        ExportError: Its history marks it corrupt, or its sha256 / size differ from the record.
+        ModelLoadError: It is missing, unsafe (a pickle payload) or not a torch checkpoint.
+    """
+    source = Path(ckpt_path)
+    if not source.is_file():
+        raise ExportNotFoundError(f"checkpoint {source} does not exist")
+    record = _history_entry(source)
+    _verify_against_history(source, record)
+    return VerifiedCheckpoint(
+        path=source, content=load_checkpoint_safely(source), metrics=_metrics_from_history(record)
+    )
+
+
 def export_brief_checkpoint(
     ckpt_path: str | Path,
     store: str | Path,
@@ -133,40 +186,126 @@ def export_brief_checkpoint(
 ) -> Path:
     """Export the policy of a GRPO training checkpoint (what the rollback guard wrote).
 
-    The checkpoint is read with ``torch.load(weights_only=True)``; the architecture and the
-    tokenizer come from the SFT directory named in its hyperparameters (``sft_dir``).
+    The same rules as the policy's ``serving.loading.export``, in this order, and nothing is
+    written unless all pass: the checkpoint's sha256 against its ``checkpoint_history.json``
+    record (when there is one); ``torch.load(weights_only=True)``; the SFT directory named in
+    its hyperparameters (``sft_dir``: architecture and tokenizer) verified when it is an export
+    itself (the shipped model); the weights' keys, shapes and dtypes against that architecture
+    built on the meta device; finite weights. Only then is the SFT model read and the weights
+    loaded into it.
+
+    Args:
+        ckpt_path: A `BriefGRPO` checkpoint.
+        store: The export store root; the export goes to ``store/model_name/<seq>-step<step>/``.
+        model_name: The model line.
+        metrics: Recorded in the manifest; default: the checkpoint's history entry's metrics.
+        make_current: Point ``store/model_name/CURRENT`` at the new version.
 
     Raises:
-        ExportError: The checkpoint has no policy weights or no ``sft_dir``.
+        ExportError: No ``sft_dir`` or policy weights, non-finite weights, or the history check.
         ModelLoadError: It is unsafe, unreadable, or its weights do not fit the architecture.
     """
-    ckpt = load_checkpoint_safely(ckpt_path)
-    sft_dir = (ckpt.get("hyper_parameters") or {}).get("sft_dir")
+    checkpoint = load_verified_checkpoint(ckpt_path)
+    ckpt, source = checkpoint.content, checkpoint.path
+    sft_dir = (ckpt.get("hyper_parameters") or {}).get(SFT_DIR_HPARAM)
     if not sft_dir or not Path(str(sft_dir)).is_dir():
         raise ExportError(
-            f"{ckpt_path} names no existing sft_dir ({sft_dir!r}) in its hyperparameters; it is "
+            f"{source} names no existing sft_dir ({sft_dir!r}) in its hyperparameters; it is "
             "not a BriefGRPO checkpoint, or its SFT directory moved"
         )
     state = {
         key[len(CHECKPOINT_PREFIX) :]: value
         for key, value in (ckpt.get("state_dict") or {}).items()
-        if key.startswith(CHECKPOINT_PREFIX)
+        if key.startswith(CHECKPOINT_PREFIX) and isinstance(value, torch.Tensor)
     }
     if not state:
-        raise ExportError(f"{ckpt_path} has no weights under {CHECKPOINT_PREFIX!r}")
+        raise ExportError(f"{source} has no weights under {CHECKPOINT_PREFIX!r}")
+    _check_against_architecture(Path(str(sft_dir)), state, source)
+    _refuse_non_finite(state, source)
     model, tokenizer = load_model(str(sft_dir))
-    check_shapes(model, {k: tuple(v.shape) for k, v in state.items()})
     model.load_state_dict(state, strict=True)
     return export_brief_model(
         model,
         tokenizer,
         store,
         step=int(ckpt.get("global_step", 0)),
-        source=str(Path(ckpt_path).resolve()),
-        metrics=metrics,
+        source=str(source.resolve()),
+        metrics=checkpoint.metrics if metrics is None else metrics,
         model_name=model_name,
         make_current=make_current,
     )
+
+
+def _check_against_architecture(
+    sft_dir: Path, state: Mapping[str, torch.Tensor], source: Path
+) -> None:
+    """Keys, shapes and dtypes of `state` against the model `sft_dir/config.json` describes,
+    built on the meta device: a checkpoint that declares another size is refused at no cost."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (sft_dir / MANIFEST_FILE).is_file():
+        verify_brief_export(sft_dir)  # the tokenizer and config we copy must be the ones shipped
+    config = AutoConfig.from_pretrained(str(sft_dir), trust_remote_code=False)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        check_shapes(
+            skeleton,
+            {k: tuple(v.shape) for k, v in state.items()},
+            {k: v.dtype for k, v in state.items()},
+        )
+    except StateDictMismatchError as error:
+        raise StateDictMismatchError(
+            f"{source}: {error} (the architecture of its sft_dir {sft_dir}); export a checkpoint "
+            "of a run that started from this SFT model"
+        ) from error
+
+
+def copy_brief_export(
+    directory: str | Path,
+    store: str | Path,
+    *,
+    model_name: str = DEFAULT_MODEL_NAME,
+    make_current: bool = False,
+) -> Path:
+    """Add a verified brief export (e.g. the model shipped in the package) to an export store
+    as its next version, with the same step, source and metrics.
+
+    The source is verified first (`verify_brief_export`: files, hashes, header against config)
+    and the copies are hashed again against its manifest before the new version is renamed
+    into place, so what a server loads is byte for byte what was verified.
+
+    Raises:
+        ModelLoadError: The source export does not verify, or a copy differs from it.
+    """
+    source = Path(directory)
+    manifest = verify_brief_export(source)
+    root = Path(store) / model_name
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        for name, entry in manifest.files.items():
+            shutil.copyfile(source / name, tmp / name)
+            if sha256_file(tmp / name) != entry.sha256:
+                raise ChecksumMismatchError(
+                    f"{source / name} changed while it was copied; copy it again"
+                )
+        final = rename_export_into_place(
+            tmp,
+            root,
+            manifest.source_step,
+            dict(manifest.files),
+            manifest.source_checkpoint,
+            manifest.metrics,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("copied the brief export %s to %s", source, final)
+    if make_current:
+        write_current(root, final.name)
+    return final
 
 
 # ----------------------------------------------------------------------------- loading
