@@ -9,6 +9,7 @@ import asyncio
 import statistics
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -62,6 +63,8 @@ class LoadResult:
     errors: int = 0
     seconds: float = 0.0
     stamps: list[tuple[float, float]] = field(default_factory=list)  # (start, latency)
+    # X-Brief-Source of the 200 answers (llm, llm_repaired, rules_fallback, rules).
+    sources: dict[str, int] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -86,9 +89,10 @@ async def _load(
     warmup: float,
     mode: str = "fast",
     timeout_s: float | None = None,
+    texts: Sequence[str] = TEXTS,
 ) -> LoadResult:
-    """``clients`` closed-loop clients posting briefs in ``mode`` (one load generator for every
-    serving benchmark); ``timeout_s`` bounds one request (None: aiohttp's default)."""
+    """``clients`` closed-loop clients posting ``texts`` in turn in ``mode`` (one load generator
+    for every serving benchmark); ``timeout_s`` bounds one request (None: aiohttp's default)."""
     result = LoadResult()
     stop_at = time.monotonic() + warmup + seconds
     measure_from = time.monotonic() + warmup
@@ -99,12 +103,13 @@ async def _load(
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             n = index
             while (now := time.monotonic()) < stop_at:
-                body = {"user_text": TEXTS[n % len(TEXTS)], "mode": mode}
+                body = {"user_text": texts[n % len(texts)], "mode": mode}
                 n += 1
                 try:
                     async with session.post(url + path, json=body) as response:
                         await response.read()
                         status = response.status
+                        source = response.headers.get("X-Brief-Source", "")
                 except aiohttp.ClientError:
                     if now >= measure_from:
                         result.errors += 1
@@ -115,6 +120,7 @@ async def _load(
                     if status == 200:
                         result.latencies.append(latency)
                         result.stamps.append((now, latency))
+                        result.sources[source] = result.sources.get(source, 0) + 1
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     result.seconds = seconds
