@@ -802,10 +802,10 @@ def _resolve_version(store: ExportStore, requested: str | None) -> str:
         return newest
     try:
         validate_version_name(requested)
-        directory = store.path_for(requested)  # refuses a symlinked version too
+        exists = store.has_version(requested)  # refuses a symlinked version too
     except InvalidVersionNameError as exc:
         raise HTTPException(400, detail=str(exc)) from exc
-    if not directory.is_dir():
+    if not exists:
         raise HTTPException(
             404, detail=f"export {requested!r} not found; available: {store.versions()}"
         )

@@ -103,8 +103,17 @@ def _lf_export(*args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def _follow_record(server: ServeProcess, version: str, timeout: float = 120.0) -> dict[str, Any]:
-    """The finished reload this replica started on its own when CURRENT named ``version``.
+def _finished(server: ServeProcess, reload_id: str) -> dict[str, Any] | None:
+    url = f"{server.url}/admin/model/reload/{reload_id}"
+    record: dict[str, Any] = httpx.get(url, headers=AUTH, timeout=10).json()
+    return record if record["result"] is not None else None
+
+
+def _follow_record(
+    server: ServeProcess, version: str, since: int = 0, timeout: float = 120.0
+) -> dict[str, Any]:
+    """The finished reload this replica started on its own when CURRENT named ``version``
+    (the first one logged after the log's first ``since`` characters).
 
     The replica logs the reload's id when its poll sees the new CURRENT; its record (start and
     end as wall-clock times of this machine, the phases) comes from the admin API.
@@ -112,12 +121,9 @@ def _follow_record(server: ServeProcess, version: str, timeout: float = 120.0) -
     pattern = re.compile(rf"CURRENT names {re.escape(version)}: reloading \(reload (\S+)\)")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = pattern.search(server.log())
-        if match:
-            url = f"{server.url}/admin/model/reload/{match.group(1)}"
-            record: dict[str, Any] = httpx.get(url, headers=AUTH, timeout=10).json()
-            if record["result"] is not None:
-                return record
+        match = pattern.search(server.log()[since:])
+        if match and (record := _finished(server, match.group(1))) is not None:
+            return record
         time.sleep(0.05)
     raise AssertionError(f"{server.url} did not finish a reload to {version}:\n{server.log()}")
 
@@ -207,6 +213,16 @@ def test_two_replicas_on_s3_converge_on_current_refuse_a_changed_object_and_skip
         for replica in replicas:
             assert _follow_record(replica, v5)["result"] == "success"
         assert [_served_version(r) for r in replicas] == [v5, v5]
+
+        # An admin reload by name on one replica rewrites CURRENT on the store; the other follows.
+        since = len(replicas[1].log())
+        answer = httpx.post(
+            f"{replicas[0].url}/admin/model/reload", json={"version": v2}, headers=AUTH, timeout=10
+        )
+        assert answer.status_code == 202, answer.text
+        assert _follow_record(replicas[1], v2, since)["result"] == "success"
+        assert client.cat_file(f"{bucket}/exports/CURRENT").decode().strip() == v2
+        assert [_served_version(r) for r in replicas] == [v2, v2]
     finally:
         for replica in replicas:
             replica.stop()
