@@ -123,6 +123,24 @@ class TorchCollectives:
         return gathered
 
 
+def describe_failure(error: BaseException, rank: int) -> str:
+    """``rank N: OSError: ...`` for each failing rank; DCP's CheckpointException carries every
+    rank's own exception (its message is a traceback)."""
+    if isinstance(error, CheckpointException):
+        parts = []
+        for failed, wrapped in sorted(error.failures.items()):
+            # each failure is DCP's (exception, stack summary) pair
+            cause = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            parts.append(f"rank {failed}: {describe_exception(cause)}")
+        return "; ".join(parts)
+    return f"rank {rank}: {describe_exception(error)}"
+
+
+def describe_exception(error: BaseException) -> str:
+    """One line: the type and message, bounded."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
 def default_storage_writer(path: str) -> StorageWriter:
     """One file per rank (Lightning's layout), fsynced before ``dcp.save`` returns."""
     return dcp.FileSystemWriter(path, single_file_per_rank=True, sync_files=True)
@@ -188,9 +206,10 @@ class ShardedCheckpointer:
                     torch.save(state.extra, os.path.join(staging, SHARDED_META_FILE))
                 digests = self._own_digests(staging)
             except (Exception, CheckpointException) as err:  # reported to every rank below
-                failure = f"{type(err).__name__}: {err}"[:600]
+                failure = describe_failure(err, self.rank)
             reports = self.collectives.all_gather_object((failure, digests))
-            failures = [f"rank {r}: {f}" for r, (f, _) in enumerate(reports) if f]
+            # dict.fromkeys: DCP raises the same failure on every rank; name it once
+            failures = list(dict.fromkeys(f for f, _ in reports if f))
             for _, files in reports:
                 digests.update(files)
         outcome: Any = failures
@@ -306,7 +325,7 @@ class ShardedCheckpointer:
         except (Exception, CheckpointException) as err:  # DCP raises it on every rank
             raise CheckpointCorruptError(
                 f"{record.file} (step {record.step}) matches its sha256 but dcp.load failed: "
-                f"{type(err).__name__}: {err}"[:600]
+                f"{describe_failure(err, self.rank)}"
             ) from err
         provider.restore_sharded(targets, extra)
 
