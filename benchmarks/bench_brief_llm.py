@@ -12,7 +12,11 @@ field score (docs/brief-llm.md), for SFT, SFT+RL and the rules, with the ratios.
 
 Run:
     python benchmarks/bench_brief_llm.py --run-dir outputs/train/<run>  # lf-train task=brief_llm
+    python benchmarks/bench_brief_llm.py --sft-dir lightning_fragrance/llm/pretrained/brief_sft
     python benchmarks/bench_brief_llm.py                                # trains a small budget
+`--sft-dir` (with `--rl-dir` optionally) evaluates given model directories, e.g. the shipped
+model (an export directory loads like a `save_pretrained` one); without an RL model the SFT+RL
+row is left out.
 The second form trains SFT for `--sft-minutes` (2.5, a Trainer `max_time`) and GRPO for
 `--rl-steps` (10) updates under the guard, so the whole benchmark stays under 5 minutes; its
 figures are lower than those of a full run.
@@ -126,33 +130,38 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "  n/a" if a is None or b is None or b == 0 else f"{a / b:5.2f}x"
 
 
-def report(name: str, examples: list[LabelledText], sft_dir: Path, rl_dir: Path) -> None:
-    sft, rl, rules = (
-        llm_quality(sft_dir, examples),
-        llm_quality(rl_dir, examples),
-        rules_quality(examples),
-    )
+def report(name: str, examples: list[LabelledText], sft_dir: Path, rl_dir: Path | None) -> None:
+    sft, rules = llm_quality(sft_dir, examples), rules_quality(examples)
+    rl = None if rl_dir is None else llm_quality(rl_dir, examples)
     print(f"\n{name} ({len(examples)} texts)")
     print(f"  {'system':<10} {'json-valid':>10} {'field score':>12} {'seconds':>8}")
-    for label, q in (("SFT", sft), ("SFT+RL", rl), ("rules", rules)):
+    rows = (("SFT", sft), ("SFT+RL", rl), ("rules", rules))
+    for label, q in ((label, q) for label, q in rows if q is not None):
         print(f"  {label:<10} {_fmt(q.json_valid):>10} {_fmt(q.field_score):>12} {q.seconds:8.1f}")
-    print(
-        f"  ratios: SFT+RL / SFT = {_ratio(rl.field_score, sft.field_score)} (field score), "
-        f"{_ratio(rl.json_valid, sft.json_valid)} (json-valid); "
-        f"SFT / rules = {_ratio(sft.field_score, rules.field_score)}; "
-        f"SFT+RL / rules = {_ratio(rl.field_score, rules.field_score)}"
-    )
+    ratios = f"SFT / rules = {_ratio(sft.field_score, rules.field_score)}"
+    if rl is not None:
+        ratios = (
+            f"SFT+RL / SFT = {_ratio(rl.field_score, sft.field_score)} (field score), "
+            f"{_ratio(rl.json_valid, sft.json_valid)} (json-valid); {ratios}; "
+            f"SFT+RL / rules = {_ratio(rl.field_score, rules.field_score)}"
+        )
+    print(f"  ratios: {ratios}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, help="a `lf-train task=brief_llm` run directory")
+    parser.add_argument("--sft-dir", type=Path, help="an SFT model directory to evaluate")
+    parser.add_argument("--rl-dir", type=Path, help="with --sft-dir: its RL model directory")
     parser.add_argument("--sft-minutes", type=float, default=2.5, help="SFT time budget")
     parser.add_argument("--rl-steps", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a shared 2-core machine
     with tempfile.TemporaryDirectory() as tmp:
-        if args.run_dir is not None:
+        rl_dir: Path | None
+        if args.sft_dir is not None:
+            sft_dir, rl_dir = args.sft_dir, args.rl_dir
+        elif args.run_dir is not None:
             sft_dir, rl_dir = args.run_dir / "sft", args.run_dir / "rl"
         else:
             sft_dir, rl_dir = train_small(Path(tmp), args.sft_minutes, args.rl_steps)

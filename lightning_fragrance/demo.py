@@ -6,11 +6,16 @@
 2. write the PNG report;
 3. export an older checkpoint, serve it with `lf-serve`, ask for a formula, export the newest
    checkpoint, hot-reload it without a restart and ask again (both answers with their versions);
+   the brief stage is the brief LLM line (`brief_backend=llm`), first the SFT model shipped in
+   the package; then a short GRPO run fine-tunes it under the guard (`lf-train
+   task=brief_llm`'s config and thresholds), `lf-export` exports its newest checkpoint, and the
+   running server hot-reloads it (`{"model": "brief_llm"}`): both `X-Brief-Model-Version`s;
 4. print a short metrics summary and where the checkpoints, history JSON and report are.
 
     python -m lightning_fragrance.demo                          # lr spike at update 120
     python -m lightning_fragrance.demo --fault nan_grad
     python -m lightning_fragrance.demo --output-dir /tmp/demo trainer.max_steps=300
+    python -m lightning_fragrance.demo --brief-updates 0        # briefs by the rule parser
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from lightning_fragrance.cli.train import (
     summary_lines,
     write_report,
 )
-from lightning_fragrance.serving.demo_steps import DemoResult
+from lightning_fragrance.serving.demo_steps import BriefLineDemo, DemoResult
 
 FAULTS = ("lr_spike", "reward_flip", "nan_grad", "none")
+# GRPO updates of the demo's brief fine-tune: ~2 s each on 2 busy cores (docs/brief-llm.md).
+BRIEF_UPDATES = 10
 
 
 def configure(
@@ -81,8 +88,78 @@ def report(result: TrainingResult, cfg: DictConfig) -> Path:
     return result.report_path
 
 
-def serve(result: TrainingResult) -> DemoResult | None:
-    """Stage 4: serve an older checkpoint, hot-reload the newest, print both answers.
+def configure_brief_fine_tune(
+    output_dir: Path, sft_dir: Path, updates: int = BRIEF_UPDATES, overrides: Sequence[str] = ()
+) -> DictConfig:
+    """`lf-train task=brief_llm model.sft_dir=<sft_dir> trainer.max_steps=<updates>`, composed:
+    GRPO from the given SFT model under `RollbackCheckpoint` with the operations guide's
+    thresholds (`configs/callbacks/rollback_brief_llm.yaml`: KL 0.03, loss x2.0, reward drop
+    0.3), a checkpoint every `updates` updates so that the last update is saved."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(find_config_dir()), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                "task=brief_llm",
+                f"model.sft_dir={sft_dir}",
+                f"trainer.max_steps={updates}",
+                f"callbacks.rollback.save_every_n_steps={updates}",
+                f"paths.output_dir={output_dir}",
+                "trainer.enable_progress_bar=false",
+                "logger=none",
+                "report.enabled=false",
+                *overrides,
+            ],
+        )
+
+
+def fine_tune_brief(cfg: DictConfig) -> Path:
+    """Fit the brief model's GRPO (`configure_brief_fine_tune`); its newest usable checkpoint.
+
+    Raises:
+        RuntimeError: The guard kept no usable checkpoint (every one rejected or corrupt).
+    """
+    started = time.perf_counter()
+    result = run_training(cfg)
+    guard = result.rollback
+    usable = [] if guard is None else guard.store.records()
+    usable = [r for r in usable if r.status not in ("corrupt", "rejected")]
+    if guard is None or not usable:
+        raise RuntimeError(f"the brief fine-tune in {cfg.paths.output_dir} kept no checkpoint")
+    newest = Path(guard.store.url(usable[-1].file))
+    limits = guard.conditions
+    print(
+        f"[demo] brief LLM: {result.trainer.global_step} GRPO updates from {cfg.model.sft_dir} "
+        f"under the guard (KL {limits.kl_threshold}, loss x{limits.loss_increase_multiplier}, "
+        f"reward drop {limits.reward_drop_threshold}): {time.perf_counter() - started:.1f} s, "
+        f"{len(result.rollback_events)} rollback(s), mean reward {result.final_reward():.3f}, "
+        f"train/kl max {_series_max(result, 'train/kl'):.1e}"
+    )
+    return newest
+
+
+def _series_max(result: TrainingResult, key: str) -> float:
+    _, values = result.history.series(key)
+    return float(values.max()) if values.size else float("nan")
+
+
+def brief_line(output_dir: Path, updates: int = BRIEF_UPDATES) -> BriefLineDemo:
+    """The demo's brief LLM line: the shipped SFT model, then `updates` GRPO updates on it."""
+    from lightning_fragrance.llm.shipped import shipped_sft_dir
+
+    shipped = shipped_sft_dir()
+    return BriefLineDemo(
+        first_export=shipped,
+        fine_tune=lambda workdir: fine_tune_brief(
+            configure_brief_fine_tune(workdir, shipped, updates)
+        ),
+    )
+
+
+def serve(result: TrainingResult, brief_updates: int = BRIEF_UPDATES) -> DemoResult | None:
+    """Stage 4: serve an older checkpoint, hot-reload the newest, print both answers; with
+    `brief_updates` > 0, the brief LLM line too (see `brief_line`).
 
     The two newest checkpoints the guard kept (none rejected by a rollback or corrupt) are the
     "deployed" and the "new" model; the export directory sits beside the checkpoints.
@@ -97,7 +174,9 @@ def serve(result: TrainingResult) -> DemoResult | None:
         print(f"[demo] serving skipped: {len(usable)} usable checkpoint(s), two are needed")
         return None
     old, new = (result.rollback.store.url(r.file) for r in usable[-2:])
-    return run_serving_demo(old, new, result.output_dir / "serving")
+    workdir = result.output_dir / "serving"
+    brief = brief_line(workdir, brief_updates) if brief_updates > 0 else None
+    return run_serving_demo(old, new, workdir, brief_llm=brief)
 
 
 def metrics_summary(result: TrainingResult) -> None:
@@ -130,13 +209,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=None, help="default outputs/demo/<time>")
     parser.add_argument("--fault", choices=FAULTS, default="lr_spike")
+    parser.add_argument(
+        "--brief-updates",
+        type=int,
+        default=BRIEF_UPDATES,
+        help="GRPO updates of the brief LLM fine-tune (0: serve the rule parser's briefs)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_steps=300")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or Path("outputs/demo") / time.strftime("%Y-%m-%d_%H-%M-%S")
     cfg = configure(output_dir.resolve(), args.fault, args.overrides)
     result = train(cfg)
     report(result, cfg)
-    serve(result)
+    serve(result, args.brief_updates)
     metrics_summary(result)
     summarize(result)
     return 0

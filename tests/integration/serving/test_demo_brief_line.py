@@ -1,0 +1,66 @@
+"""The serving part of `make demo` with the brief LLM line: a real `lf-serve` (uvicorn, started
+by the launcher) serves the SFT model shipped in the package, a real GRPO run under the guard
+fine-tunes it, `lf-export`'s code exports the newest checkpoint and the running server
+hot-reloads it; both answers carry their brief model's version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_fragrance.demo import configure_brief_fine_tune, fine_tune_brief
+from lightning_fragrance.llm.shipped import shipped_sft_dir
+from lightning_fragrance.serving.demo_steps import BriefLineDemo, run_serving_demo
+from lightning_fragrance.serving.loading import read_current
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# The demo's fine-tune, scaled down: 2 updates of 4 texts x 4 answers (the demo runs 10 of 8x4).
+# Fewer answers make train/reward so noisy that the guard's reward-drop trigger fires (2 x 2
+# answers: 0.88 -> 0.43 at update 2, rolled back to the start).
+TINY_GRPO = [
+    "model.grpo.n_prompts=16",
+    "model.grpo.prompts_per_step=4",
+    "model.grpo.group_size=4",
+    "model.grpo.ptx_texts=4",
+]
+SOURCES = {"llm", "llm_repaired", "rules_fallback"}
+
+
+def test_the_demo_serves_the_shipped_brief_model_then_hot_reloads_its_grpo_fine_tune(
+    tmp_path: Path, ppo_checkpoints: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    shipped = shipped_sft_dir()
+    brief = BriefLineDemo(
+        first_export=shipped,
+        fine_tune=lambda workdir: fine_tune_brief(
+            configure_brief_fine_tune(workdir, shipped, updates=2, overrides=TINY_GRPO)
+        ),
+    )
+
+    result = run_serving_demo(ppo_checkpoints[0], ppo_checkpoints[1], tmp_path, brief_llm=brief)
+
+    assert result.reload["result"] == "success"
+    assert result.brief_reload is not None and result.brief_after is not None
+    assert result.brief_reload["result"] == "success"
+    assert result.brief_reload["model"] == "brief_llm"
+    # The shipped model is the brief line's first version, through the policy reload too.
+    assert result.before.brief_version == result.after.brief_version == "000001-step1250"
+    newer = result.brief_after.brief_version
+    assert newer.startswith("000002-step") and newer != result.before.brief_version
+    assert result.before.version != result.after.version
+    assert result.brief_after.version == result.after.version  # the policy did not move
+    assert {result.before.brief_source, result.brief_after.brief_source} <= SOURCES
+    brief_root = tmp_path / "exports" / "brief_llm"
+    assert read_current(brief_root) == newer  # the admin reload moved CURRENT
+    shipped_files = json.loads((shipped / "manifest.json").read_text())["files"]
+    first = json.loads((brief_root / "000001-step1250" / "manifest.json").read_text())
+    assert first["files"] == shipped_files  # served byte for byte as shipped
+    second = json.loads((brief_root / newer / "manifest.json").read_text())
+    assert Path(second["source_checkpoint"]).is_relative_to(tmp_path / "brief_grpo")
+    assert newer == f"000002-step{second['source_step']}"
+    out = capsys.readouterr().out
+    assert f"X-Brief-Model-Version: 000001-step1250 -> {newer}" in out
+    assert "GRPO updates from" in out and "reload success" in out
