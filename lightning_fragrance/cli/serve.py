@@ -3,6 +3,7 @@
     lf-serve
     LF_ADMIN_TOKEN=secret lf-serve port=9000 workers=2
     lf-serve drain_timeout_s=5 keep_previous_s=300
+    AWS_ENDPOINT_URL=http://minio:9000 lf-serve export_dir=s3://models/exports  # object store
 
 Settings come from `configs/serve.yaml` (Hydra; every key is a `ServeSettings` field). The
 config directory is the repository's `configs/`; `LF_CONFIG_DIR` points elsewhere.

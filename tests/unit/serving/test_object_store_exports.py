@@ -197,3 +197,35 @@ def test_serve_settings_keep_a_store_url_whole() -> None:
     again = ServeSettings.model_validate_json(settings.model_dump_json())  # uvicorn workers
     assert again.export_dir == "s3://bucket/exports"
     assert ServeSettings(export_dir="exports").export_dir == Path("exports")
+
+
+def test_a_line_on_a_url_store_falls_back_when_current_names_a_changed_version(
+    url: str, ppo_checkpoints: list[Path]
+) -> None:
+    good = _version(export(ppo_checkpoints[0], url))
+    bad = _version(export(ppo_checkpoints[1], url, make_current=True))
+    fs, root = fsspec.core.url_to_fs(url)
+    _flip_one_byte(fs, f"{root}/{bad}/{WEIGHTS_FILE}")
+    store = ExportStore(url)
+    manager: HotReloadManager[LoadedModel] = HotReloadManager(store.load, warmup_steps=0)
+    sync = CurrentSync(store, manager)
+    assert sync.start().version == good
+    assert sync.fallback is not None and sync.fallback.wanted == bad
+    assert "ChecksumMismatchError" in sync.fallback.reason
+    assert store.current() == bad  # left as it is: the operator decides
+    manager.shutdown()
+
+
+def test_auto_promotion_on_a_url_store_points_current_at_a_new_export_once_it_loaded(
+    url: str, ppo_checkpoints: list[Path]
+) -> None:
+    first = _version(export(ppo_checkpoints[0], url, make_current=True))
+    store = ExportStore(url)
+    manager: HotReloadManager[LoadedModel] = HotReloadManager(store.load, warmup_steps=0)
+    sync = CurrentSync(store, manager, auto_promote=True)
+    assert sync.start().version == first
+    second = _version(export(ppo_checkpoints[1], url))
+    record = sync.reconcile()
+    assert record is not None and record.done.wait(60)
+    assert manager.current_version == second and store.current() == second
+    manager.shutdown()
