@@ -14,6 +14,7 @@ from lightning_fragrance.checkpointing.errors import (
     MissingMetricError,
     NoGoodCheckpointError,
     RollbackBudgetExceeded,
+    ShardedWriteError,
 )
 from lightning_fragrance.checkpointing.guard import Observation, RollbackGuard
 from lightning_fragrance.checkpointing.manager import CheckpointManager
@@ -40,6 +41,12 @@ from lightning_fragrance.checkpointing.records import (
 )
 from lightning_fragrance.checkpointing.recovery import RestoreSource, Snapshot, find_restore_source
 from lightning_fragrance.checkpointing.rng import collect_rng_state, reseed, restore_rng_state
+from lightning_fragrance.checkpointing.sharded import (
+    ShardedCheckpointer,
+    ShardedState,
+    ShardedStateProvider,
+    consolidate_checkpoint,
+)
 from lightning_fragrance.checkpointing.snapshot import (
     AsyncCheckpointWriter,
     CheckpointWriteError,
@@ -78,6 +85,10 @@ __all__ = [
     "RollbackGuard",
     "RollbackOrchestrator",
     "RollbackReason",
+    "ShardedCheckpointer",
+    "ShardedState",
+    "ShardedStateProvider",
+    "ShardedWriteError",
     "Snapshot",
     "StagingPool",
     "StateProvider",
@@ -86,6 +97,7 @@ __all__ = [
     "TriggerMonitor",
     "checkpoint_file_name",
     "collect_rng_state",
+    "consolidate_checkpoint",
     "evaluate_step",
     "find_restore_source",
     "next_save_step",
