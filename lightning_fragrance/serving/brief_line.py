@@ -216,7 +216,7 @@ class BriefLLMLine:
                 f"no complete brief model export in {self.store.root}; train and export one "
                 "(`lf-train task=brief_llm`, then `lf-export`)"
             )
-        loaded = load_brief_export(self.store.path_for(name))
+        loaded = load_brief_export(self.store.fetch(name))  # an object store downloads it
         return BriefLLMModel(
             loaded,
             self.settings.decoding,

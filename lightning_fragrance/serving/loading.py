@@ -794,6 +794,11 @@ class ExportStore:
         """Whether ``version`` is a version directory of the store (complete or not)."""
         return self.path_for(version).is_dir()
 
+    def fetch(self, version: str) -> Path:
+        """The local directory of ``version`` (read in place here; the object-store variant
+        downloads and verifies it first). For loaders that take a directory (the brief LLM)."""
+        return self.path_for(version)
+
     def path_for(self, version: str) -> Path:
         """The directory of ``version``, guaranteed to lie inside the store (and not a link)."""
         validate_version_name(version)

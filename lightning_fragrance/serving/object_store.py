@@ -48,6 +48,7 @@ from lightning_fragrance.serving.loading import (
     ManifestInvalidError,
     UnsafeExportFileError,
     entry_path,
+    sha256_file,
     validate_version_name,
     version_name,
     version_sequence,
@@ -356,3 +357,41 @@ def publish_export(
     if make_current:
         write_pointer(fs, f"{root}/{CURRENT_FILE}", version)
     return str(fs.unstrip_protocol(prefix))
+
+
+def publish_export_directory(
+    directory: str | Path,
+    url: str,
+    *,
+    make_current: bool = False,
+    fs: fsspec.AbstractFileSystem | None = None,
+) -> str:
+    """Upload a finished local export (any model line's) to the store as its next version.
+
+    Every file is hashed against the local manifest first, so what is uploaded is what was
+    exported; the step, source and metrics are kept. Returns the new version's URL.
+
+    Raises:
+        ModelLoadError: the local export is incomplete or a file differs from its manifest.
+        ExportError: the upload failed (no version was published).
+    """
+    source = Path(directory)
+    manifest = ExportStore(source.parent).read_manifest(source.name)
+    for name, entry in manifest.files.items():
+        local = entry_path(source, name)
+        if not local.is_file():
+            raise IncompleteExportError(f"{local} is missing from the export; re-export it")
+        if sha256_file(local) != entry.sha256 or local.stat().st_size != entry.bytes:
+            raise ChecksumMismatchError(
+                f"{local} differs from {source / MANIFEST_FILE}; re-export it before uploading"
+            )
+    return publish_export(
+        source,
+        url,
+        manifest.source_step,
+        manifest.files,
+        manifest.source_checkpoint,
+        manifest.metrics,
+        make_current=make_current,
+        fs=fs,
+    )

@@ -29,6 +29,8 @@ from moto_s3 import require_moto as _require_moto
 from serving_server import AUTH, REPO, TOKEN
 
 from lightning_fragrance.examples.tiny_ppo import tiny_ppo_checkpoints
+from lightning_fragrance.llm.export import copy_brief_export
+from lightning_fragrance.llm.shipped import shipped_sft_dir
 from lightning_fragrance.serving.launcher import ServeProcess, start_lf_serve
 from lightning_fragrance.serving.loading import (
     MANIFEST_FILE,
@@ -37,7 +39,7 @@ from lightning_fragrance.serving.loading import (
     ExportStore,
     export,
 )
-from lightning_fragrance.serving.object_store import publish_export
+from lightning_fragrance.serving.object_store import publish_export_directory
 
 _require_moto()
 import s3fs  # noqa: E402  (after the check: a missing s3fs fails on CI with the way out)
@@ -234,7 +236,6 @@ def test_an_export_upload_cut_midway_publishes_no_version(bucket: str, tmp_path:
     url = f"s3://{bucket}/exports"
     good = _name(export(checkpoint, url, make_current=True))
     staged = export(checkpoint, tmp_path / "local")  # what lf-export stages before uploading
-    manifest = ExportStore(staged.parent).read_manifest(staged.name)
 
     target_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     proxy = SeverableProxy(target_port)
@@ -251,16 +252,7 @@ def test_an_export_upload_cut_midway_publishes_no_version(bucket: str, tmp_path:
     try:
         proxy.sever_after(64 * 1024)  # the upload loses the network after 64 KB
         with pytest.raises(ExportError, match="no version was published"):
-            publish_export(
-                staged,
-                f"{bucket}/exports",
-                manifest.source_step,
-                manifest.files,
-                manifest.source_checkpoint,
-                manifest.metrics,
-                make_current=True,
-                fs=fs,
-            )
+            publish_export_directory(staged, f"{bucket}/exports", make_current=True, fs=fs)
     finally:
         proxy.close()
 
@@ -269,3 +261,33 @@ def test_an_export_upload_cut_midway_publishes_no_version(bucket: str, tmp_path:
     assert store.current() == good
     uploaded = _observer_client().find(f"{bucket}/exports")
     assert not any(path.endswith(MANIFEST_FILE) and good not in path for path in uploaded)
+
+
+def test_the_brief_llm_line_serves_from_the_store_too(
+    tmp_path: Path, bucket: str, ppo_checkpoints: list[Path]
+) -> None:
+    policy_url, brief_url = f"s3://{bucket}/exports", f"s3://{bucket}/exports/brief_llm"
+    policy = _name(export(ppo_checkpoints[0], policy_url, make_current=True))
+    # The trained brief model shipped in the package, exported locally, then uploaded.
+    local = copy_brief_export(shipped_sft_dir(), tmp_path / "local")
+    brief = _name(publish_export_directory(local, brief_url, make_current=True))
+    server = start_lf_serve(
+        policy_url,
+        token=TOKEN,
+        log_path=tmp_path / "serve.log",
+        cwd=REPO,
+        env={**os.environ},
+        brief_backend="llm",
+        llm_export_dir=brief_url,
+        reconcile_interval_s=POLL_S,
+    )
+    try:
+        server.wait_ready(timeout=180)
+        response = httpx.post(f"{server.url}/dna/create", json=BODY, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Model-Version"] == policy
+        assert response.headers["X-Brief-Model-Version"] == brief
+        info = httpx.get(f"{server.url}/admin/model", headers=AUTH, timeout=10).json()
+        assert info["models"]["brief_llm"]["versions"] == [brief]
+    finally:
+        server.stop()
