@@ -170,7 +170,7 @@ def build_manager(
         name = version or store.current() or store.newest()
         if name is None:
             raise ExportNotFoundError(
-                f"no complete export in {store.root}; create one with "
+                f"no complete export in {store.location}; create one with "
                 "`lf-export ckpt_path=<checkpoint> export_dir=<dir>`"
             )
         return store.load(name)
@@ -439,7 +439,7 @@ def create_app(
         syncs = [state.sync] + ([brief_line.sync] if brief_line else [])
         for sync in syncs:
             info = await asyncio.to_thread(sync.start)
-            log.info("serving %s %s from %s", sync.name, info.version, sync.store.root)
+            log.info("serving %s %s from %s", sync.name, info.version, sync.store.location)
         _install_sigterm(state)
         stop = asyncio.Event()
         watchers = (
@@ -798,7 +798,7 @@ def _resolve_version(store: ExportStore, requested: str | None) -> str:
     if requested is None:
         newest = store.newest()
         if newest is None:
-            raise HTTPException(404, detail=f"no complete export in {store.root}")
+            raise HTTPException(404, detail=f"no complete export in {store.location}")
         return newest
     try:
         validate_version_name(requested)

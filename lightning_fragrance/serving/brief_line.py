@@ -213,7 +213,7 @@ class BriefLLMLine:
         name = version or self.store.current() or self.store.newest()
         if name is None:
             raise ExportNotFoundError(
-                f"no complete brief model export in {self.store.root}; train and export one "
+                f"no complete brief model export in {self.store.location}; train and export one "
                 "(`lf-train task=brief_llm`, then `lf-export`)"
             )
         loaded = load_brief_export(self.store.fetch(name))  # an object store downloads it
