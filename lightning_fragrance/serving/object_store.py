@@ -67,16 +67,16 @@ _CHUNK = 1 << 20
 def read_pointer(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """The version a ``CURRENT`` object names, or ``None`` (missing, too large, not a name).
 
-    The client's listing cache is dropped first: s3fs answers ``info`` from a cached listing
-    of the parent, which would hide a new ``CURRENT`` from a poller forever.
+    One ranged GET per read (a poller runs it every interval on every replica). The client's
+    listing cache is dropped first: s3fs answers from a cached listing of the parent, which
+    would hide a new ``CURRENT`` from a poller forever.
     """
     try:
         fs.invalidate_cache(path)
-        info = fs.info(path)
-        if info.get("type") != "file" or int(info.get("size") or 0) > MAX_POINTER_BYTES:
+        raw = bytes(fs.cat_file(path, start=0, end=MAX_POINTER_BYTES + 1))
+        if len(raw) > MAX_POINTER_BYTES:
             return None
-        raw = fs.cat_file(path, start=0, end=MAX_POINTER_BYTES)
-        return validate_version_name(bytes(raw).decode("utf-8").strip())
+        return validate_version_name(raw.decode("utf-8").strip())
     except (OSError, ValueError):
         return None  # FileNotFoundError, UnicodeDecodeError, InvalidVersionNameError included
 
