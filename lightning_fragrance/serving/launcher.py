@@ -119,7 +119,8 @@ def start_lf_serve(
     """Start ``lf-serve`` on a free loopback port and return at once (then ``wait_ready``).
 
     Args:
-        export_dir: the export store to serve.
+        export_dir: the export store to serve: a directory, or a URL (``s3://bucket/exports``;
+            the endpoint and credentials then come from ``env``'s ``AWS_*`` variables).
         token: the admin token (``LF_ADMIN_TOKEN``); ``None`` leaves the admin routes off.
         log_path: where its output goes (default: a new temporary file).
         cwd: its working directory (default: this process's).
