@@ -7,9 +7,10 @@
 3. export an older checkpoint, serve it with `lf-serve`, ask for a formula, export the newest
    checkpoint, hot-reload it without a restart and ask again (both answers with their versions);
    the brief stage is the brief LLM line (`brief_backend=llm`), first the SFT model shipped in
-   the package; then a short GRPO run fine-tunes it under the guard (`lf-train
-   task=brief_llm`'s config and thresholds), `lf-export` exports its newest checkpoint, and the
-   running server hot-reloads it (`{"model": "brief_llm"}`): both `X-Brief-Model-Version`s;
+   the package; a short GRPO run (`lf-train task=brief_llm`, in the background from the start,
+   beside the PPO training) fine-tunes it under the guard, `lf-export` exports its newest
+   checkpoint, and the running server hot-reloads it (`{"model": "brief_llm"}`): both
+   `X-Brief-Model-Version`s;
 4. print a short metrics summary and where the checkpoints, history JSON and report are.
 
     python -m lightning_fragrance.demo                          # lr spike at update 120
@@ -21,8 +22,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -88,78 +94,116 @@ def report(result: TrainingResult, cfg: DictConfig) -> Path:
     return result.report_path
 
 
-def configure_brief_fine_tune(
+def brief_fine_tune_command(
     output_dir: Path, sft_dir: Path, updates: int = BRIEF_UPDATES, overrides: Sequence[str] = ()
-) -> DictConfig:
-    """`lf-train task=brief_llm model.sft_dir=<sft_dir> trainer.max_steps=<updates>`, composed:
-    GRPO from the given SFT model under `RollbackCheckpoint` with the operations guide's
-    thresholds (`configs/callbacks/rollback_brief_llm.yaml`: KL 0.03, loss x2.0, reward drop
-    0.3), a checkpoint every `updates` updates so that the last update is saved."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(find_config_dir()), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "task=brief_llm",
-                f"model.sft_dir={sft_dir}",
-                f"trainer.max_steps={updates}",
-                f"callbacks.rollback.save_every_n_steps={updates}",
-                f"paths.output_dir={output_dir}",
-                "trainer.enable_progress_bar=false",
-                "logger=none",
-                "report.enabled=false",
-                *overrides,
-            ],
-        )
+) -> list[str]:
+    """`lf-train task=brief_llm model.sft_dir=<sft_dir> trainer.max_steps=<updates>`: GRPO from
+    the given SFT model under `RollbackCheckpoint` with the operations guide's thresholds
+    (`configs/callbacks/rollback_brief_llm.yaml`: KL 0.03, loss x2.0, reward drop 0.3), a
+    checkpoint every `updates` updates so that the last update is saved."""
+    return [
+        sys.executable,
+        "-m",
+        "lightning_fragrance.cli.train",
+        "task=brief_llm",
+        f"model.sft_dir={sft_dir}",
+        f"trainer.max_steps={updates}",
+        f"callbacks.rollback.save_every_n_steps={updates}",
+        f"hydra.run.dir={output_dir}",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "report.enabled=false",
+        *overrides,
+    ]
 
 
-def fine_tune_brief(cfg: DictConfig) -> Path:
-    """Fit the brief model's GRPO (`configure_brief_fine_tune`); its newest usable checkpoint.
+@dataclass
+class BriefFineTune:
+    """The brief model's GRPO fine-tune, a real `lf-train` process in the background.
 
-    Raises:
-        RuntimeError: The guard kept no usable checkpoint (every one rejected or corrupt).
+    It starts with the demo, so that on 2 cores it runs beside the PPO training (one torch
+    thread each) instead of after it; the serving stage waits for it only when it needs the
+    newer brief model.
+
+    Attributes:
+        process: The `lf-train` process (stopped by its own PID, `stop`).
+        output_dir: Its run directory (`checkpoints/`, `metrics.json`, `rl/`).
+        log_path: Its output.
+        started: `time.perf_counter()` at the start.
     """
-    started = time.perf_counter()
-    result = run_training(cfg)
-    guard = result.rollback
-    usable = [] if guard is None else guard.store.records()
-    usable = [r for r in usable if r.status not in ("corrupt", "rejected")]
-    if guard is None or not usable:
-        raise RuntimeError(f"the brief fine-tune in {cfg.paths.output_dir} kept no checkpoint")
-    newest = Path(guard.store.url(usable[-1].file))
-    limits = guard.conditions
-    print(
-        f"[demo] brief LLM: {result.trainer.global_step} GRPO updates from {cfg.model.sft_dir} "
-        f"under the guard (KL {limits.kl_threshold}, loss x{limits.loss_increase_multiplier}, "
-        f"reward drop {limits.reward_drop_threshold}): {time.perf_counter() - started:.1f} s, "
-        f"{len(result.rollback_events)} rollback(s), mean reward {result.final_reward():.3f}, "
-        f"train/kl max {_series_max(result, 'train/kl'):.1e}"
-    )
-    return newest
+
+    process: subprocess.Popen[bytes]
+    output_dir: Path
+    log_path: Path
+    started: float
+
+    @classmethod
+    def start(
+        cls,
+        output_dir: Path,
+        sft_dir: Path,
+        updates: int = BRIEF_UPDATES,
+        overrides: Sequence[str] = (),
+    ) -> BriefFineTune:
+        """Start `brief_fine_tune_command` with its output in `output_dir/lf-train.log`."""
+        output_dir.mkdir(parents=True, exist_ok=True)
+        command = brief_fine_tune_command(output_dir, sft_dir, updates, overrides)
+        log_path = output_dir / "lf-train.log"
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        print(
+            f"[demo] brief LLM: lf-train task=brief_llm model.sft_dir={sft_dir} "
+            f"trainer.max_steps={updates} started in the background (log: {log_path})"
+        )
+        return cls(process, output_dir, log_path, time.perf_counter())
+
+    def wait(self) -> Path:
+        """Wait for the run; its newest checkpoint the guard kept usable.
+
+        Raises:
+            RuntimeError: The run failed, or kept no usable checkpoint (the log's tail says why).
+        """
+        from lightning_fragrance.checkpointing.store import CheckpointStore
+
+        if self.process.poll() is None:
+            print("[demo] waiting for the brief LLM fine-tune ...", flush=True)
+        returncode = self.process.wait()
+        seconds = time.perf_counter() - self.started
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        if returncode != 0:
+            raise RuntimeError(f"the brief fine-tune exited with {returncode}:\n{tail}")
+        store = CheckpointStore(str(self.output_dir / "checkpoints"), read_only=True)
+        usable = [r for r in store.records() if r.status not in ("corrupt", "rejected")]
+        if not usable:
+            raise RuntimeError(f"the brief fine-tune kept no usable checkpoint:\n{tail}")
+        rollbacks = [e for e in store.events() if e.get("type") == "rollback"]
+        metrics = json.loads((self.output_dir / "metrics.json").read_text())
+        rewards = [m["train/reward"] for m in metrics if "train/reward" in m]
+        kls = [m["train/kl"] for m in metrics if "train/kl" in m]
+        print(
+            f"[demo] brief LLM: {len(rewards)} GRPO updates under the guard (the guide's "
+            f"thresholds, configs/callbacks/rollback_brief_llm.yaml) in {seconds:.1f} s wall, "
+            f"{len(rollbacks)} rollback(s), train/reward {rewards[0]:.3f} -> {rewards[-1]:.3f}, "
+            f"train/kl max {max(kls):.1e}"
+        )
+        return Path(store.url(usable[-1].file))
+
+    def stop(self) -> None:
+        """End the run if it is still going (the demo was interrupted or failed)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
 
 
-def _series_max(result: TrainingResult, key: str) -> float:
-    _, values = result.history.series(key)
-    return float(values.max()) if values.size else float("nan")
-
-
-def brief_line(output_dir: Path, updates: int = BRIEF_UPDATES) -> BriefLineDemo:
-    """The demo's brief LLM line: the shipped SFT model, then `updates` GRPO updates on it."""
-    from lightning_fragrance.llm.shipped import shipped_sft_dir
-
-    shipped = shipped_sft_dir()
-    return BriefLineDemo(
-        first_export=shipped,
-        fine_tune=lambda workdir: fine_tune_brief(
-            configure_brief_fine_tune(workdir, shipped, updates)
-        ),
-    )
-
-
-def serve(result: TrainingResult, brief_updates: int = BRIEF_UPDATES) -> DemoResult | None:
+def serve(result: TrainingResult, brief: BriefFineTune | None = None) -> DemoResult | None:
     """Stage 4: serve an older checkpoint, hot-reload the newest, print both answers; with
-    `brief_updates` > 0, the brief LLM line too (see `brief_line`).
+    `brief`, the brief LLM line too: the shipped SFT model first, then `brief`'s newest
+    checkpoint, hot-reloaded.
 
     The two newest checkpoints the guard kept (none rejected by a rollback or corrupt) are the
     "deployed" and the "new" model; the export directory sits beside the checkpoints.
@@ -174,9 +218,12 @@ def serve(result: TrainingResult, brief_updates: int = BRIEF_UPDATES) -> DemoRes
         print(f"[demo] serving skipped: {len(usable)} usable checkpoint(s), two are needed")
         return None
     old, new = (result.rollback.store.url(r.file) for r in usable[-2:])
-    workdir = result.output_dir / "serving"
-    brief = brief_line(workdir, brief_updates) if brief_updates > 0 else None
-    return run_serving_demo(old, new, workdir, brief_llm=brief)
+    line = None
+    if brief is not None:
+        from lightning_fragrance.llm.shipped import shipped_sft_dir
+
+        line = BriefLineDemo(first_export=shipped_sft_dir(), fine_tune=brief.wait)
+    return run_serving_demo(old, new, result.output_dir / "serving", brief_llm=line)
 
 
 def metrics_summary(result: TrainingResult) -> None:
@@ -219,11 +266,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output_dir = args.output_dir or Path("outputs/demo") / time.strftime("%Y-%m-%d_%H-%M-%S")
     cfg = configure(output_dir.resolve(), args.fault, args.overrides)
-    result = train(cfg)
-    report(result, cfg)
-    serve(result, args.brief_updates)
-    metrics_summary(result)
-    summarize(result)
+    brief = None
+    if args.brief_updates > 0:
+        from lightning_fragrance.llm.shipped import shipped_sft_dir
+
+        brief_dir = output_dir.resolve() / "brief_llm"
+        brief = BriefFineTune.start(brief_dir, shipped_sft_dir(), args.brief_updates)
+    try:
+        result = train(cfg)
+        report(result, cfg)
+        serve(result, brief)
+        metrics_summary(result)
+        summarize(result)
+    finally:
+        if brief is not None:
+            brief.stop()
     return 0
 
 

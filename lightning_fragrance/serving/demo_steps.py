@@ -32,6 +32,9 @@ from lightning_fragrance.serving.launcher import start_lf_serve
 from lightning_fragrance.serving.loading import export
 
 DEMO_TEXT = "a fresh citrus scent for summer, not too sweet"
+# Greedy decoding of the brief (the other modes sample): the same brief model writes the same
+# brief, so a change between the answers is the model's.
+DEMO_MODE = "fast"
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,13 @@ class BriefLineDemo:
     Attributes:
         first_export: A verified brief export served as the line's first version (the model
             shipped in the package).
-        fine_tune: Given a work directory, trains a newer brief model and returns its newest
-            guard checkpoint (the demo: a short GRPO run under `RollbackCheckpoint`).
+        fine_tune: Returns the newest guard checkpoint of a newer brief model, training it or
+            waiting for its training (the demo: a short GRPO run under `RollbackCheckpoint`,
+            started in the background).
     """
 
     first_export: Path
-    fine_tune: Callable[[Path], Path]
+    fine_tune: Callable[[], Path]
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class DemoResult:
 
 def _create(url: str) -> DemoAnswer:
     response = httpx.post(
-        f"{url}/dna/create", json={"user_text": DEMO_TEXT, "mode": "balanced"}, timeout=60
+        f"{url}/dna/create", json={"user_text": DEMO_TEXT, "mode": DEMO_MODE}, timeout=60
     )
     response.raise_for_status()
     return DemoAnswer(
@@ -153,7 +157,7 @@ def _reload_newer_brief_model(
     """Fine-tune, export with lf-export's code, hot-reload the brief line, ask again."""
     from lightning_fragrance.cli.export import export_checkpoint
 
-    checkpoint = brief.fine_tune(base / "brief_grpo")
+    checkpoint = brief.fine_tune()
     exports = base / "exports"
     version = Path(export_checkpoint(checkpoint, exports)).name
     print(

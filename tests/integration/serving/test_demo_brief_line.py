@@ -1,7 +1,8 @@
 """The serving part of `make demo` with the brief LLM line: a real `lf-serve` (uvicorn, started
-by the launcher) serves the SFT model shipped in the package, a real GRPO run under the guard
-fine-tunes it, `lf-export`'s code exports the newest checkpoint and the running server
-hot-reloads it; both answers carry their brief model's version."""
+by the launcher) serves the SFT model shipped in the package, a real `lf-train task=brief_llm`
+process fine-tunes it with GRPO under the guard (in the background, as the demo runs it),
+`lf-export`'s code exports the newest checkpoint and the running server hot-reloads it; both
+answers carry their brief model's version."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_fragrance.demo import configure_brief_fine_tune, fine_tune_brief
+from lightning_fragrance.demo import BriefFineTune
 from lightning_fragrance.llm.shipped import shipped_sft_dir
 from lightning_fragrance.serving.demo_steps import BriefLineDemo, run_serving_demo
 from lightning_fragrance.serving.loading import read_current
@@ -33,14 +34,14 @@ def test_the_demo_serves_the_shipped_brief_model_then_hot_reloads_its_grpo_fine_
     tmp_path: Path, ppo_checkpoints: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     shipped = shipped_sft_dir()
-    brief = BriefLineDemo(
-        first_export=shipped,
-        fine_tune=lambda workdir: fine_tune_brief(
-            configure_brief_fine_tune(workdir, shipped, updates=2, overrides=TINY_GRPO)
-        ),
-    )
-
-    result = run_serving_demo(ppo_checkpoints[0], ppo_checkpoints[1], tmp_path, brief_llm=brief)
+    fine_tune = BriefFineTune.start(tmp_path / "brief_grpo", shipped, 2, TINY_GRPO)
+    brief = BriefLineDemo(first_export=shipped, fine_tune=fine_tune.wait)
+    try:
+        result = run_serving_demo(
+            ppo_checkpoints[0], ppo_checkpoints[1], tmp_path / "serving", brief_llm=brief
+        )
+    finally:
+        fine_tune.stop()
 
     assert result.reload["result"] == "success"
     assert result.brief_reload is not None and result.brief_after is not None
@@ -53,7 +54,7 @@ def test_the_demo_serves_the_shipped_brief_model_then_hot_reloads_its_grpo_fine_
     assert result.before.version != result.after.version
     assert result.brief_after.version == result.after.version  # the policy did not move
     assert {result.before.brief_source, result.brief_after.brief_source} <= SOURCES
-    brief_root = tmp_path / "exports" / "brief_llm"
+    brief_root = tmp_path / "serving" / "exports" / "brief_llm"
     assert read_current(brief_root) == newer  # the admin reload moved CURRENT
     shipped_files = json.loads((shipped / "manifest.json").read_text())["files"]
     first = json.loads((brief_root / "000001-step1250" / "manifest.json").read_text())
@@ -63,4 +64,4 @@ def test_the_demo_serves_the_shipped_brief_model_then_hot_reloads_its_grpo_fine_
     assert newer == f"000002-step{second['source_step']}"
     out = capsys.readouterr().out
     assert f"X-Brief-Model-Version: 000001-step1250 -> {newer}" in out
-    assert "GRPO updates from" in out and "reload success" in out
+    assert "GRPO updates under the guard" in out and "reload success" in out
