@@ -173,7 +173,7 @@ class RollbackOrchestrator:
         self.barrier = barrier
         self.sharded = sharded
         if sharded is not None:  # see `sharded` above
-            async_save, keep_in_memory = False, False
+            async_save = False
             self.keep_in_memory = False
         self.guard = RollbackGuard(conditions, store.max_checkpoints, signals, run_id)
         self.writer = (
