@@ -35,6 +35,9 @@ DEMO_TEXT = "a fresh citrus scent for summer, not too sweet"
 # Greedy decoding of the brief (the other modes sample): the same brief model writes the same
 # brief, so a change between the answers is the model's.
 DEMO_MODE = "fast"
+# A second text for the brief LLM line, one this small model writes a valid brief for (on
+# DEMO_TEXT it writes no usable JSON and the rules answer: `rules_fallback`); both are asked.
+BRIEF_TEXT = "fresh citrus and a hint of green for summer"
 
 
 @dataclass(frozen=True)
@@ -53,18 +56,22 @@ class DemoAnswer:
     brief_version: str = ""
     brief_source: str = ""
 
-    def summary(self) -> str:
-        """Versions, the brief, top ingredients, concentration and reward on a few lines."""
-        dna = self.body["dna"]
-        top = ", ".join(f"{line['name']} {line['percent']:.2f}%" for line in dna["ingredients"][:4])
-        lines = [f"  X-Model-Version: {self.version}"]
+    def brief_lines(self) -> list[str]:
+        """The brief model's version and source (with the brief LLM line) and the brief."""
+        lines = []
         if self.brief_version:
             lines.append(
                 f"  X-Brief-Model-Version: {self.brief_version}, "
                 f"X-Brief-Source: {self.brief_source}"
             )
+        return [*lines, f"  brief: {brief_summary(self.body['brief'])}"]
+
+    def summary(self) -> str:
+        """Versions, the brief, top ingredients, concentration and reward on a few lines."""
+        dna = self.body["dna"]
+        top = ", ".join(f"{line['name']} {line['percent']:.2f}%" for line in dna["ingredients"][:4])
+        lines = [f"  X-Model-Version: {self.version}", *self.brief_lines()]
         lines += [
-            f"  brief: {brief_summary(self.body['brief'])}",
             f"  top ingredients: {top}",
             f"  concentration {dna['concentration_pct']:.1f}%, IFRA compliant "
             f"{dna['ifra_compliant']}, reward {dna['reward']['total']:.2f}",
@@ -102,19 +109,29 @@ class BriefLineDemo:
 
 
 @dataclass(frozen=True)
+class BriefAnswers:
+    """The brief LLM line's answers: ``DEMO_TEXT`` after the brief reload, ``BRIEF_TEXT``
+    before and after it, and the reload record."""
+
+    after: DemoAnswer
+    second_before: DemoAnswer
+    second_after: DemoAnswer
+    reload: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class DemoResult:
-    """The answers and the reload records (the brief ones without the brief LLM line: None)."""
+    """The answers and the reload records (``brief`` without the brief LLM line: None)."""
 
     before: DemoAnswer
     after: DemoAnswer
     reload: dict[str, Any]
-    brief_after: DemoAnswer | None = None
-    brief_reload: dict[str, Any] | None = None
+    brief: BriefAnswers | None = None
 
 
-def _create(url: str) -> DemoAnswer:
+def _create(url: str, text: str = DEMO_TEXT) -> DemoAnswer:
     response = httpx.post(
-        f"{url}/dna/create", json={"user_text": DEMO_TEXT, "mode": DEMO_MODE}, timeout=60
+        f"{url}/dna/create", json={"user_text": text, "mode": DEMO_MODE}, timeout=60
     )
     response.raise_for_status()
     return DemoAnswer(
@@ -151,12 +168,19 @@ def _install_first_brief_model(brief: BriefLineDemo, exports: Path) -> str:
     return first.name
 
 
+def _ask_brief_text(url: str) -> DemoAnswer:
+    answer = _create(url, BRIEF_TEXT)
+    print(f"[serving] POST /dna/create {BRIEF_TEXT!r}\n" + "\n".join(answer.brief_lines()))
+    return answer
+
+
 def _reload_newer_brief_model(
     brief: BriefLineDemo, url: str, token: str, base: Path, first: DemoAnswer
-) -> tuple[DemoAnswer, dict[str, Any]]:
+) -> BriefAnswers:
     """Fine-tune, export with lf-export's code, hot-reload the brief line, ask again."""
     from lightning_fragrance.cli.export import export_checkpoint
 
+    second_before = _ask_brief_text(url)
     checkpoint = brief.fine_tune()
     exports = base / "exports"
     version = Path(export_checkpoint(checkpoint, exports)).name
@@ -167,11 +191,12 @@ def _reload_newer_brief_model(
     record = _reload(url, token, {"model": "brief_llm", "version": version})
     after = _create(url)
     print(f"[serving] POST /dna/create again\n{after.summary()}")
+    second_after = _ask_brief_text(url)
     print(
         f"[serving] X-Brief-Model-Version: {first.brief_version} -> {after.brief_version} "
         "(hot-reloaded, no restart)"
     )
-    return after, record
+    return BriefAnswers(after, second_before, second_after, record)
 
 
 def run_serving_demo(
@@ -208,7 +233,7 @@ def run_serving_demo(
     )
     url = server.url
     print(f"[serving] exported {old_checkpoint} -> {first.name}; starting lf-serve on {url}")
-    brief_after, brief_record = None, None
+    brief = None
     try:
         server.wait_ready(timeout=startup_timeout)
         before = _create(url)
@@ -219,19 +244,11 @@ def run_serving_demo(
         after = _create(url)
         print(f"[serving] POST /dna/create again\n{after.summary()}")
         if brief_llm is not None:
-            brief_after, brief_record = _reload_newer_brief_model(
-                brief_llm, url, token, base, after
-            )
+            brief = _reload_newer_brief_model(brief_llm, url, token, base, after)
     finally:
         server.stop()
     print(f"[serving] server stopped (log: {log_path})")
-    return DemoResult(
-        before=before,
-        after=after,
-        reload=record,
-        brief_after=brief_after,
-        brief_reload=brief_record,
-    )
+    return DemoResult(before=before, after=after, reload=record, brief=brief)
 
 
 if __name__ == "__main__":

@@ -44,16 +44,21 @@ def test_the_demo_serves_the_shipped_brief_model_then_hot_reloads_its_grpo_fine_
         fine_tune.stop()
 
     assert result.reload["result"] == "success"
-    assert result.brief_reload is not None and result.brief_after is not None
-    assert result.brief_reload["result"] == "success"
-    assert result.brief_reload["model"] == "brief_llm"
+    assert result.brief is not None
+    assert result.brief.reload["result"] == "success"
+    assert result.brief.reload["model"] == "brief_llm"
     # The shipped model is the brief line's first version, through the policy reload too.
     assert result.before.brief_version == result.after.brief_version == "000001-step1250"
-    newer = result.brief_after.brief_version
+    newer = result.brief.after.brief_version
     assert newer.startswith("000002-step") and newer != result.before.brief_version
+    assert result.brief.second_before.brief_version == "000001-step1250"
+    assert result.brief.second_after.brief_version == newer
     assert result.before.version != result.after.version
-    assert result.brief_after.version == result.after.version  # the policy did not move
-    assert {result.before.brief_source, result.brief_after.brief_source} <= SOURCES
+    assert result.brief.after.version == result.after.version  # the policy did not move
+    answers = (result.before, result.brief.after, result.brief.second_before)
+    assert {a.brief_source for a in answers} <= SOURCES
+    # On BRIEF_TEXT the shipped model's greedy answer is a valid brief: the LLM wrote it.
+    assert result.brief.second_before.brief_source == "llm"
     brief_root = tmp_path / "serving" / "exports" / "brief_llm"
     assert read_current(brief_root) == newer  # the admin reload moved CURRENT
     shipped_files = json.loads((shipped / "manifest.json").read_text())["files"]
