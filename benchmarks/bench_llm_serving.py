@@ -24,7 +24,9 @@ Method:
      training data generator never produced; the random models the four ``TEXTS``.
 2.   In this process, on the served export: texts in fast (greedy) mode, once as batches of 8
      through ``BriefLLMModel.generate_batch``, once one ``generate`` per text; requests per
-     second of each, and the answers' length in tokens (re-tokenized).
+     second of each, and the answers' length in tokens (re-tokenized). For the trained model,
+     also the generated tokens per mode with a budget of 256: what ``max_new_tokens`` must
+     leave room for.
 3.   The same server; 8 clients in fast mode; periods without and with back-to-back admin
      reloads of the brief line (``{"model": "brief_llm"}``, alternating two exports) alternate;
      the admin client is a process of its own. A request is "inside" when its lifetime
@@ -385,6 +387,44 @@ def trained_part(work: Path, checkpoint: Path, mode_seconds: float) -> None:
         server.stop()
     print("2. batched vs one-at-a-time generate (in this process, default fast decoding):")
     throughput_part(version_dir, 96, texts[:16])
+    print(f"   answer length per mode, {len(texts)} hand-written texts (in this process):")
+    answer_lengths_part(version_dir, texts)
+
+
+def answer_lengths_part(version_dir: Path, texts: Sequence[str], budget: int = 256) -> None:
+    """How many tokens the trained model's answers take per mode, with room to spare: what
+    ``max_new_tokens`` must leave (one batched ``generate`` per 8 texts, end token counted)."""
+    import torch
+
+    from lightning_fragrance.llm.export import load_brief_export
+    from lightning_fragrance.serving.brief import GenerationSettings
+    from lightning_fragrance.serving.brief_line import DEFAULT_LLM_DECODING, BriefLLMModel
+
+    torch.manual_seed(0)  # the sampled modes: one reproducible draw
+    loaded = load_brief_export(version_dir)
+    eos = loaded.tokenizer.eos_token_id
+    for mode in BriefMode:
+        default = DEFAULT_LLM_DECODING[mode]
+        roomy = GenerationSettings(
+            max_new_tokens=budget,
+            do_sample=default.do_sample,
+            temperature=default.temperature,
+            top_p=default.top_p,
+        )
+        model = BriefLLMModel(loaded, {mode: roomy})
+        lengths = []
+        for start in range(0, len(texts), CLIENTS):
+            for row in model.generate_ids(list(texts[start : start + CLIENTS]), mode):
+                lengths.append(row.index(eos) + 1 if eos in row else len(row))
+        lengths.sort()
+        over = sum(n > default.max_new_tokens for n in lengths)
+        print(
+            f"  {mode.value:9s} median {statistics.median(lengths):.0f}, "
+            f"p95 {lengths[int(0.95 * (len(lengths) - 1))]}, max {lengths[-1]} tokens "
+            f"({budget} allowed); over the default max_new_tokens={default.max_new_tokens}: "
+            f"{over} of {len(lengths)}"
+        )
+        model.close()
 
 
 def large_settings_part(

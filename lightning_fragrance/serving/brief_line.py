@@ -97,6 +97,16 @@ class BriefLLMModel:
 
     def generate_batch(self, texts: list[str], mode: BriefMode) -> list[str]:
         """The raw answers for ``texts`` in ``mode``, from one ``model.generate`` call."""
+        output, prompt_length = self._generate(texts, mode)
+        return decode_answers(self.tokenizer, output, prompt_length)
+
+    def generate_ids(self, texts: list[str], mode: BriefMode) -> list[list[int]]:
+        """The generated token ids of each of ``texts`` (end token and padding after it
+        included), from one ``model.generate`` call: how long answers are, in tokens."""
+        output, prompt_length = self._generate(texts, mode)
+        return [row[prompt_length:].tolist() for row in output]
+
+    def _generate(self, texts: list[str], mode: BriefMode) -> tuple[torch.Tensor, int]:
         settings = self.decoding[BriefMode(mode)]
         prompts = [build_prompt(self.tokenizer, self.system_prompt, t) for t in texts]
         inputs = self.tokenizer(
@@ -109,7 +119,7 @@ class BriefLLMModel:
                 eos_token_id=self.tokenizer.eos_token_id,
                 **settings.as_kwargs(),
             )
-        return decode_answers(self.tokenizer, output, int(inputs["input_ids"].shape[1]))
+        return output, int(inputs["input_ids"].shape[1])
 
     def close(self) -> None:
         """The manager retired this version: answer what is queued, then free the thread."""
