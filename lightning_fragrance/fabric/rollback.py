@@ -15,6 +15,11 @@ This module only translates: metrics into dated readings, Fabric's collectives i
 agreement (one packed all-reduce with ``max``, `lightning_fragrance.checkpointing.agreement`),
 Fabric's state into a `StateProvider` (`FabricState`). Rank 0 writes; every rank keeps its own
 in-memory snapshot of the same step.
+
+Under ``ModelParallelStrategy`` (FSDP2) each rank holds a shard of the model: every save and
+rollback is then collective through `ShardedCheckpointer` (each rank writes and reloads its own
+shard with torch.distributed.checkpoint, rank 0 commits after all wrote, sha256 before any read),
+in the layout ``fabric.save`` writes for that strategy (`ShardedFabricState`).
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from typing import Any
 import fsspec
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_fragrance.callbacks.trainer_state import scale_learning_rates
 from lightning_fragrance.checkpointing import (
+    CheckpointCorruptError,
     CheckpointDirectoryError,
+    CheckpointError,
     CheckpointObserver,
     CheckpointRecord,
+    CheckpointStatus,
     CheckpointStore,
     LoggingObserver,
     ObserverGroup,
@@ -51,7 +58,9 @@ from lightning_fragrance.checkpointing import (
     shared_view,
 )
 from lightning_fragrance.checkpointing.rng import reseed as reseed_generators
+from lightning_fragrance.checkpointing.sharded import ShardedCheckpointer
 from lightning_fragrance.checkpointing.triggers import GRAD_NORM, KL, LOSS, REWARD
+from lightning_fragrance.fabric.sharded_state import ShardedFabricState, saves_sharded
 from lightning_fragrance.fabric.state import FabricState
 
 log = logging.getLogger("lightning_fragrance.fabric")
@@ -70,6 +79,10 @@ class FabricRollbackGuard:
     The files are what ``fabric.save(path, state)`` writes (plus the saving rank's RNG under
     ``lightning_fragrance_rng``), load with ``torch.load(weights_only=True)`` and with
     ``fabric.load(path, state)``; ``checkpoint_history.json`` beside them is the commit record.
+    Under ``ModelParallelStrategy`` (FSDP2) a checkpoint is a directory, ``checkpoint_step_N/``,
+    with one shard file per rank (what ``fabric.save`` writes for that strategy); every save
+    and rollback is then collective and reads no in-memory snapshot. `load` restores a
+    checkpoint of the history after checking its sha256 (a resumed run's first call).
 
     Args:
         fabric: The launched Fabric (``fabric.launch()`` already called).
@@ -85,8 +98,10 @@ class FabricRollbackGuard:
         observers: Told about saves, rollbacks and errors, besides the logging observer that is
             always attached.
         fs: Optional fsspec filesystem; ``dirpath`` is then a path on it.
-        async_save: Write files in the background on rank 0; the step pays for a CPU copy.
-        keep_in_memory: Keep the newest save in memory (per rank) for instant rollbacks.
+        async_save: Write files in the background on rank 0; the step pays for a CPU copy
+            (sharded runs: every rank writes its shard synchronously).
+        keep_in_memory: Keep the newest save in memory (per rank) for instant rollbacks
+            (sharded runs: rollbacks load the verified shards in place instead).
         dry_run: Judge and record triggers but never restore (calibrating thresholds).
         resume: Continue the history already in ``dirpath`` (its checkpoints stay targets).
         overwrite: Start a new history in a directory holding another run's (set aside).
@@ -100,7 +115,10 @@ class FabricRollbackGuard:
             does not replay the same random draws into the same divergence.
 
     Raises:
-        CheckpointDirectoryError: ``dirpath`` holds another run's history (on every rank).
+        CheckpointDirectoryError: ``dirpath`` holds another run's history, or is not a local
+            (or shared, mounted) path under a sharded strategy (on every rank).
+        ValueError: A sharded strategy set to gather the full state on rank 0.
+        NotImplementedError: DeepSpeed or another strategy whose shards the guard cannot save.
     """
 
     def __init__(
@@ -131,7 +149,8 @@ class FabricRollbackGuard:
             raise ValueError(f"save_every_n_steps={save_every_n_steps} must be >= 1")
         if not lr_factor > 0:
             raise ValueError(f"lr_factor={lr_factor} must be > 0")
-        _refuse_sharded(fabric)
+        # Before any collective: every rank raises the same refusal instead of hanging.
+        self.sharded = saves_sharded(fabric.strategy, type(self).__name__)
         self.lr_factor, self.reseed = lr_factor, reseed
         self.fabric = fabric
         self.conditions = rollback_conditions or RollbackConditions()
@@ -152,6 +171,7 @@ class FabricRollbackGuard:
             dry_run=dry_run,
             barrier=fabric.barrier,
             host_memory_budget=host_memory_budget,
+            sharded=ShardedCheckpointer(store) if self.sharded else None,
         )
         if resume:  # a resumed history keeps its targets and its save schedule
             self.engine.guard.ledger = store.records()
@@ -179,11 +199,13 @@ class FabricRollbackGuard:
         if fabric.is_global_zero:
             try:
                 store = CheckpointStore(dirpath, max_checkpoints, fs=fs)
+                if self.sharded:  # DCP's file writer needs a local or shared POSIX path
+                    store.staging_directory(0)
                 if resume and run_id is None and store.run_id:
                     run_id = store.run_id
                 run_id = run_id or uuid.uuid4().hex[:12]
                 store.claim(run_id, resume=resume, overwrite=overwrite)
-            except CheckpointDirectoryError as err:
+            except CheckpointError as err:
                 refusal = f"{type(self).__name__}: {err}"
         refusal = fabric.broadcast(refusal, src=0)
         if refusal:
@@ -212,7 +234,7 @@ class FabricRollbackGuard:
         before the first update, on every rank. Nothing is saved on a resumed run whose history
         already holds a target at or before ``step``."""
         self._started = True
-        return self.engine.start(step, FabricState(self.fabric, state))
+        return self.engine.start(step, self._provider(state))
 
     def step(
         self, step: int, metrics: Mapping[str, MetricValue], state: MutableMapping[str, Any]
@@ -239,8 +261,88 @@ class FabricRollbackGuard:
             log.info("No start() call: the state at step %d is this run's first target.", step)
             self.start(state, step)
         readings = self._agree(self._readings(step, metrics))
-        provider = FabricState(self.fabric, state)
+        provider = self._provider(state)
         return self.engine.step(step, readings, provider, lambda: self._remedies(step, provider))
+
+    def load(self, state: MutableMapping[str, Any], step: int | None = None) -> CheckpointRecord:
+        """Restore a checkpoint of the history into ``state`` in place, on every rank.
+
+        The way to resume (with ``resume=True``): every file is checked against its sha256
+        before anything reads it (DCP's ``.metadata`` is a pickle), which ``fabric.load`` does
+        not do. Then call ``start(state, record.step)`` and continue counting from there.
+
+        Args:
+            state: The loop's state, as for `step`.
+            step: The checkpoint to load; None = the newest one not marked corrupt or rejected,
+                falling back to the next older one when its files fail their check.
+
+        Returns:
+            The record restored (``record.step`` is the step the state now holds).
+
+        Raises:
+            CheckpointError: The history lists no such checkpoint.
+            CheckpointCorruptError: Its files (with ``step=None``: every candidate's) failed
+                their check; nothing of them was read.
+        """
+        self.flush()
+        self.fabric.barrier()  # rank 0's history is complete before the others read it
+        if not self.fabric.is_global_zero:
+            self.store.refresh()
+        unusable = {CheckpointStatus.CORRUPT.value, CheckpointStatus.REJECTED.value}
+        records = [
+            r
+            for r in self.store.records()
+            if (r.step == step if step is not None else r.status not in unusable)
+        ]
+        if not records:
+            wanted = f"checkpoint of step {step}" if step is not None else "intact checkpoint"
+            raise CheckpointError(
+                f"{type(self).__name__}.load: {self.store.history_path} lists no {wanted} "
+                f"(its steps: {[r.step for r in self.store.records()]})."
+            )
+        provider = self._provider(state)
+        problems: list[str] = []
+        for record in reversed(records):
+            try:
+                self._load_record(record, provider)
+            except CheckpointCorruptError as err:
+                problems.append(str(err))
+                self.engine.guard.set_status(record.step, CheckpointStatus.CORRUPT, str(err))
+                if self.fabric.is_global_zero:
+                    self.store.mark_corrupt(record.step, str(err))
+                continue
+            self.engine.next_save = next_save_step(record.step, self.engine.save_every)
+            return record
+        raise CheckpointCorruptError(
+            f"{type(self).__name__}.load: no intact checkpoint to load ({'; '.join(problems)}). "
+            "Nothing was read from the damaged files; `lf-checkpoints verify` lists intact ones."
+        )
+
+    def _load_record(self, record: CheckpointRecord, provider: FabricState) -> None:
+        """Load one checkpoint on every rank, or raise the same error on every rank."""
+        if self.engine.sharded is not None:
+            assert isinstance(provider, ShardedFabricState)
+            self.engine.sharded.load(record, provider)  # collective, verified first
+            return
+        failure, payload = "", None
+        try:
+            payload = self.store.load(record)  # sha256, then torch.load(weights_only=True)
+        except CheckpointCorruptError as err:
+            failure = str(err)
+        if self.fabric.world_size > 1:  # a file one rank cannot read fails every rank
+            flag = torch.tensor([1.0 if failure else 0.0], device=self.fabric.device)
+            reduced = self.fabric.all_reduce(flag, reduce_op="max")
+            assert isinstance(reduced, torch.Tensor)
+            if float(reduced.item()) > 0 and not failure:
+                failure = f"{record.file} (step {record.step}) failed its check on another rank"
+        if failure or payload is None:
+            raise CheckpointCorruptError(failure)
+        provider.restore(payload, from_memory=False)
+
+    def _provider(self, state: MutableMapping[str, Any]) -> FabricState:
+        if self.sharded:
+            return ShardedFabricState(self.fabric, state)
+        return FabricState(self.fabric, state)
 
     def _remedies(self, step: int, provider: FabricState) -> dict[str, Any]:
         """Applied on every rank right after a restore; recorded with the rollback event."""
@@ -335,20 +437,6 @@ class FabricRollbackGuard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _refuse_sharded(fabric: Fabric) -> None:
-    """Sharded strategies hold DTensor shards that a full-state save would gather or mangle:
-    refuse them before training, with the way out (before any collective, so every rank raises
-    the same error instead of hanging)."""
-    strategy = fabric.strategy
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
-        raise NotImplementedError(
-            f"FabricRollbackGuard saves the full training state from rank 0 and does not support "
-            f"{type(strategy).__name__} yet (sharded checkpoints through "
-            "torch.distributed.checkpoint are planned, issue 12 item 2). Use strategy='ddp' or a "
-            "single device, or checkpoint sharded runs with fabric.save."
-        )
 
 
 @dataclasses.dataclass

@@ -27,7 +27,8 @@ RNG_KEY = "lightning_fragrance_rng"
 """Key of the saving rank's RNG state in every file (the Trainer callback uses the same key)."""
 
 
-def _stateful(obj: Any) -> bool:
+def stateful(obj: Any) -> bool:
+    """Whether ``obj`` saves and restores itself (a scheduler), as Fabric's ``_Stateful``."""
     return callable(getattr(obj, "state_dict", None)) and callable(
         getattr(obj, "load_state_dict", None)
     )
@@ -63,7 +64,7 @@ class FabricState:
                 captured[key] = strategy.get_module_state_dict(obj)
             elif isinstance(obj, torch.optim.Optimizer):
                 captured[key] = strategy.get_optimizer_state(obj)
-            elif _stateful(obj):
+            elif stateful(obj):
                 captured[key] = obj.state_dict()
             else:
                 captured[key] = obj
@@ -88,7 +89,7 @@ class FabricState:
                     # step would mutate the snapshot (research note §6.1).
                     obj.load_state_dict(copy.deepcopy(saved) if from_memory else saved)
                 obj.zero_grad(set_to_none=True)
-            elif _stateful(obj):
+            elif stateful(obj):
                 obj.load_state_dict(copy.deepcopy(saved) if from_memory else saved)
             else:
                 self.state[key] = copy.deepcopy(saved)
