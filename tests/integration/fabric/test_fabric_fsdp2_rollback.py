@@ -1,0 +1,219 @@
+"""The guard in a Fabric loop whose model is sharded by FSDP2, on two gloo processes: each rank
+writes and restores only its own shard, a fault one rank alone sees rolls both ranks back to the
+same step, damaged files are refused by their sha256 before anything reads them, Fabric's own
+``fabric.load`` reads the directories, and a new guard resumes the history.
+
+A real ``Fabric(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(...))`` whose
+``parallelize_fn`` applies ``fully_shard``, in a hand-written loop, started as a standalone
+script (`fabric_fsdp2_script.py`): Fabric's launcher re-runs the calling command for rank 1,
+which must not be pytest. One launch runs every scenario (see the script's docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from lightning_fragrance.checkpointing import CheckpointStore
+
+SCRIPT = Path(__file__).with_name("fabric_fsdp2_script.py")
+# The launch (26 updates, 10 sharded saves, 2 rollbacks, 3 loads on two gloo ranks) took 18 s
+# here; the bound only stops a hang (ranks disagreeing on a collective wait forever).
+RUN_TIMEOUT_S = 240
+SHARD_FILES = {".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fabric_fsdp2")
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "PL_GLOBAL_SEED"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # a hang is ended with both ranks (rank 1 is rank 0's child)
+    )
+    try:
+        stdout, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        pytest.fail(f"the 2-rank Fabric FSDP2 run hung for {RUN_TIMEOUT_S} s:\n{stdout[-4000:]}")
+    assert proc.returncode == 0, f"Fabric FSDP2 script failed:\n{stdout[-6000:]}"
+    return out
+
+
+def _report(out: Path, scenario: str, rank: int) -> dict[str, Any]:
+    return json.loads((out / f"{scenario}_rank{rank}.json").read_text())
+
+
+def _entries(out: Path) -> dict[int, dict[str, Any]]:
+    history = json.loads((out / "checkpoints" / "checkpoint_history.json").read_text())
+    return {int(e["step"]): e for e in history["entries"]}
+
+
+def _verified_metadata(out: Path, step: int) -> Metadata:
+    """DCP's metadata of an intact checkpoint, read (it is a pickle) after its sha256 matched."""
+    store = CheckpointStore(str(out / "checkpoints"), read_only=True)
+    record = store.record(step)
+    assert record is not None and record.sharded
+    store.verify_files(record)
+    return dcp.FileSystemReader(str(out / "checkpoints" / record.file)).read_metadata()
+
+
+def _rank_chunks(metadata: Metadata, rank: int) -> Iterator[tuple[str, Any]]:
+    """(fqn, chunk) of every tensor chunk stored in ``rank``'s file."""
+    for index, info in metadata.storage_data.items():
+        if info.relative_path == f"__{rank}_0.distcp":
+            stored = metadata.state_dict_metadata[index.fqn]
+            if isinstance(stored, TensorStorageMetadata):  # not the pickled param_groups
+                yield index.fqn, stored.chunks[index.index or 0]
+
+
+def _saved_local_shards(out: Path, step: int, rank: int) -> dict[str, torch.Tensor]:
+    """What ``rank`` saved at ``step``, named as the script names its live shards: the chunk of
+    each weight and Adam moment in that rank's file (Fabric's keys: ``model.<fqn>``,
+    ``optimizer.state.<fqn>.<moment>``), cut from the tensors assembled from both files."""
+    metadata = _verified_metadata(out, step)
+    full = {
+        fqn: torch.empty(tuple(info.size), dtype=info.properties.dtype)
+        for fqn, info in metadata.state_dict_metadata.items()
+        if isinstance(info, TensorStorageMetadata)
+    }
+    path = str(out / "checkpoints" / f"checkpoint_step_{step}")
+    dcp.load(full, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    shards: dict[str, torch.Tensor] = {}
+    for fqn, chunk in _rank_chunks(metadata, rank):
+        cut = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
+        if fqn.startswith("model."):
+            shards[fqn.removeprefix("model.")] = full[fqn][cut]
+        elif fqn.startswith("optimizer.state.") and fqn.rsplit(".", 1)[1] != "step":
+            param, moment = fqn.removeprefix("optimizer.state.").rsplit(".", 1)
+            shards[f"{moment}.{param}"] = full[fqn][cut]
+    return shards
+
+
+def _assert_holds_saved_shards(live_path: Path, out: Path, step: int, rank: int) -> None:
+    live: dict[str, torch.Tensor] = torch.load(live_path, weights_only=True)
+    saved = _saved_local_shards(out, step, rank)
+    assert saved and set(saved) <= set(live), f"saved {sorted(saved)}, live {sorted(live)}"
+    for name, tensor in live.items():
+        if name not in saved:  # an empty shard (this rank holds no row of it) stores no chunk
+            assert tensor.numel() == 0, f"{live_path.name}: {name} has no saved chunk"
+            continue
+        assert torch.equal(tensor, saved[name]), f"{live_path.name}: {name} != step {step}"
+
+
+def test_every_checkpoint_is_a_directory_with_one_shard_file_per_rank(out: Path) -> None:
+    entries = _entries(out)
+    assert sorted(entries) == [0, 3, 6, 9, 12, 15, 18, 21, 24]
+    for step, entry in entries.items():
+        directory = out / "checkpoints" / f"checkpoint_step_{step}"
+        assert entry["sharded"] and entry["file"] == directory.name
+        assert set(entry["files"]) == SHARD_FILES == set(os.listdir(directory))
+
+
+def test_no_rank_saved_the_full_state(out: Path) -> None:
+    metadata = _verified_metadata(out, 15)
+    for rank in (0, 1):
+        split = 0
+        for fqn, chunk in _rank_chunks(metadata, rank):
+            stored = metadata.state_dict_metadata[fqn]
+            assert isinstance(stored, TensorStorageMetadata)
+            if len(stored.size) and stored.size[0] >= 2:  # a tensor FSDP2 splits by rows
+                assert chunk.sizes[0] < stored.size[0], f"rank {rank} saved all of {fqn}"
+                split += 1
+        # weight and bias of the two 64-row layers, each with both Adam moments
+        assert split == 2 * 2 * 3, (rank, split)
+
+
+def test_a_fault_on_rank_1_alone_rolls_both_ranks_back_to_the_same_step(out: Path) -> None:
+    rank0, rank1 = _report(out, "run", 0), _report(out, "run", 1)
+    moves = [
+        [(e["at_step"], e["to_step"], e["from_memory"]) for e in r["rollback_events"]]
+        for r in (rank0, rank1)
+    ]
+    # 8 -> 6 (the newest certified save); 14 -> 6 past the damaged 12 and 9. Sharded
+    # rollbacks always load the verified shards (no in-memory snapshot).
+    assert moves[0] == moves[1] == [(8, 6, False), (14, 6, False)]
+    assert rank0["ledger"] == rank1["ledger"]
+    assert rank0["saved"] == rank1["saved"] == [3, 6, 9, 12, 15, 18]
+
+
+def test_after_each_rollback_each_rank_holds_exactly_its_saved_shard(out: Path) -> None:
+    # Rank 1 had multiplied its own rows of the first layer by 100 at each fault.
+    for index in (0, 1):
+        for rank in (0, 1):
+            live = out / f"run_rank{rank}_restored{index}.pt"
+            _assert_holds_saved_shards(live, out, 6, rank)
+    ranks = [torch.load(out / f"run_rank{r}_restored0.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["0.weight"], ranks[1]["0.weight"])  # two different shards
+
+
+def test_damaged_shard_and_metadata_are_refused_by_sha256_before_anything_reads_them(
+    out: Path,
+) -> None:
+    entries = _entries(out)
+    assert entries[12]["status"] == "corrupt" and "__1_0.distcp" in entries[12]["note"]
+    assert entries[9]["status"] == "corrupt" and ".metadata" in entries[9]["note"]
+    # Step 9's .metadata was replaced by a pickle that creates this directory when unpickled.
+    assert not (out / "unpickled_metadata_marker").exists()
+
+
+def test_fabric_load_reads_the_guards_directory_into_fresh_objects(out: Path) -> None:
+    for rank in (0, 1):
+        _assert_holds_saved_shards(out / f"fabric_load_rank{rank}_loaded.pt", out, 18, rank)
+        report = _report(out, "fabric_load", rank)
+        # plain values come back from meta.pt; the RNG is the remainder fabric.load returns
+        assert report == {"temperature": 1.0, "remainder": ["lightning_fragrance_rng"]}
+
+
+def test_a_resumed_guard_loads_the_newest_checkpoint_and_continues_its_history(
+    out: Path,
+) -> None:
+    run = _report(out, "run", 0)
+    for rank in (0, 1):
+        resumed = _report(out, "resume", rank)
+        assert resumed["loaded"] == 18 and resumed["saved"] == [21, 24]
+        assert resumed["run_id"] == run["run_id"] and resumed["rollback_events"] == []
+        _assert_holds_saved_shards(out / f"resume_rank{rank}_loaded.pt", out, 18, rank)
+    entries = _entries(out)
+    assert {entries[s]["run_id"] for s in (21, 24)} == {run["run_id"]}
+
+
+def test_loading_a_damaged_checkpoint_is_refused_on_every_rank_before_reading_it(
+    out: Path,
+) -> None:
+    for rank in (0, 1):
+        report = _report(out, "corrupt_load", rank)
+        assert report["refused"].startswith("CheckpointCorruptError"), report
+        assert "checkpoint_step_12/__1_0.distcp" in report["refused"]
+        assert report["untouched"], "the live state changed although the load was refused"
