@@ -176,7 +176,9 @@ def test_two_replicas_on_s3_converge_on_current_refuse_a_changed_object_and_skip
             # interval plus one read of CURRENT, and serves once its own reload finished.
             # 2 intervals leave the read (and a loaded machine's scheduling) a whole interval;
             # the reload's own time (download, verify, load, warm up, switch) is measured
-            # by the replica and added, because it does not depend on the interval.
+            # by the replica and added, because it does not depend on the interval. Times are
+            # this machine's wall clock in both processes; `finished_at` is after the old
+            # worker drained (here well under a millisecond after the switch).
             assert serving <= 2 * POLL_S + reload_s, (i, noticed, reload_s)
 
         # A changed object on the store (same size, other bytes): refused, the old one serves.
