@@ -16,6 +16,8 @@ dominates the time):
 3. ``resume``: a new guard with ``resume=True`` loads the newest checkpoint (``guard.load``)
    and trains 6 more updates into the same history.
 4. ``corrupt_load``: ``guard.load(state, step=12)`` is refused on both ranks.
+5. ``object_store``: a guard on an fsspec memory store is refused on both ranks (DCP's file
+   writer needs a POSIX path), before any rank waits on the other.
 
 Usage: ``python fabric_fsdp2_script.py OUT_DIR``. Each rank writes ``OUT_DIR/<scenario>_rank
 {r}.json`` and the local shards it held right after each rollback / load
@@ -31,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import ModelParallelStrategy
@@ -232,6 +235,15 @@ def corrupt_load(fabric: Fabric, out: Path, checkpoints: Path) -> None:
     (out / f"corrupt_load_rank{fabric.global_rank}.json").write_text(json.dumps(result))
 
 
+def object_store(fabric: Fabric, out: Path) -> None:
+    refused = ""
+    try:
+        FabricRollbackGuard(fabric, "/fsdp2-checkpoints", fs=fsspec.filesystem("memory"))
+    except Exception as err:  # the refusal under test; anything else fails the test's checks
+        refused = f"{type(err).__name__}: {err}"
+    (out / f"object_store_rank{fabric.global_rank}.json").write_text(json.dumps(refused))
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     checkpoints = out / "checkpoints"
@@ -242,6 +254,7 @@ def main(out_dir: str) -> None:
     fabric_load(fabric, out, checkpoints)
     resume(fabric, out, checkpoints)
     corrupt_load(fabric, out, checkpoints)
+    object_store(fabric, out)
 
 
 if __name__ == "__main__":

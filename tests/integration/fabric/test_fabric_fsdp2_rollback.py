@@ -217,3 +217,10 @@ def test_loading_a_damaged_checkpoint_is_refused_on_every_rank_before_reading_it
         assert report["refused"].startswith("CheckpointCorruptError"), report
         assert "checkpoint_step_12/__1_0.distcp" in report["refused"]
         assert report["untouched"], "the live state changed although the load was refused"
+
+
+def test_a_sharded_guard_on_an_object_store_is_refused_on_every_rank(out: Path) -> None:
+    for rank in (0, 1):
+        refused = json.loads((out / f"object_store_rank{rank}.json").read_text())
+        assert refused.startswith("CheckpointDirectoryError"), refused
+        assert "local or shared filesystem path" in refused

@@ -12,7 +12,13 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
-from lightning_fragrance.checkpointing import CheckpointDirectoryError, Reading, RollbackConditions
+from lightning_fragrance.checkpointing import (
+    CheckpointCorruptError,
+    CheckpointDirectoryError,
+    CheckpointError,
+    Reading,
+    RollbackConditions,
+)
 from lightning_fragrance.fabric import RNG_KEY, FabricRollbackGuard
 
 SAVE_EVERY = 3
@@ -173,10 +179,31 @@ def test_remedies_scale_the_restored_learning_rates_and_reseed_after_a_rollback(
     guard.close()
 
 
-def test_a_sharded_strategy_is_refused_before_training_with_the_way_out(tmp_path: Path) -> None:
-    from lightning.fabric.strategies import ModelParallelStrategy
+def test_a_resumed_guard_loads_the_newest_intact_checkpoint_after_checking_its_sha256(
+    fabric: Fabric, tmp_path: Path
+) -> None:
+    state = _loop_objects(fabric)
+    with FabricRollbackGuard(fabric, tmp_path, save_every_n_steps=SAVE_EVERY) as guard:
+        guard.start(state)
+        for step in range(1, 2 * SAVE_EVERY + 1):
+            guard.step(step, _metrics(_update(fabric, state)), state)
+            if step == SAVE_EVERY:
+                expected = {k: v.clone() for k, v in state["model"].state_dict().items()}
+        run_id = guard.store.run_id
+    newest = tmp_path / f"checkpoint_step_{2 * SAVE_EVERY}.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # bit rot in the newest file
+    newest.write_bytes(bytes(data))
 
-    strategy = ModelParallelStrategy(parallelize_fn=lambda model, mesh: model)
-    fabric = Fabric(accelerator="cpu", devices=1, strategy=strategy)
-    with pytest.raises(NotImplementedError, match="strategy='ddp'"):
-        FabricRollbackGuard(fabric, tmp_path)
+    fresh = _loop_objects(fabric)
+    with FabricRollbackGuard(fabric, tmp_path, SAVE_EVERY, resume=True) as resumed:
+        record = resumed.load(fresh)
+        assert record.step == SAVE_EVERY and resumed.store.run_id == run_id
+        for key, tensor in expected.items():
+            assert torch.equal(fresh["model"].state_dict()[key], tensor), key
+        statuses = {r.step: r.status for r in resumed.history}
+        assert statuses[2 * SAVE_EVERY] == "corrupt"
+        with pytest.raises(CheckpointCorruptError, match=newest.name):
+            resumed.load(fresh, step=2 * SAVE_EVERY)
+        with pytest.raises(CheckpointError, match="lists no checkpoint of step 99"):
+            resumed.load(fresh, step=99)
