@@ -14,6 +14,10 @@ is missing, a link or not a regular file, or whose size or sha256 differs; a saf
 whose keys or shapes do not fit the architecture that ``config.json`` describes (built on the
 meta device, so a header that declares huge tensors costs nothing). Only then does
 ``from_pretrained`` run, on local files, safetensors only, without remote code.
+
+Exporting a guard checkpoint (`export_brief_checkpoint`, what ``lf-export`` runs for a
+`BriefGRPO` checkpoint) follows the policy's rules: its sha256 against the guard's
+``checkpoint_history.json``, ``weights_only=True``, shapes on the meta device, finite weights.
 """
 
 from __future__ import annotations
