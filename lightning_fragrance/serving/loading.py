@@ -56,10 +56,10 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
-_SEQ_DIGITS = 6
+SEQ_DIGITS = 6
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_SEQ_RE = re.compile(rf"^(\d{{{_SEQ_DIGITS}}})-")
+_SEQ_RE = re.compile(rf"^(\d{{{SEQ_DIGITS}}})-")
 # A store location with a scheme (``s3://bucket/exports``) is an fsspec URL, not a local path.
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # A manifest entry is a plain file name of the export directory (lf-export writes no
@@ -542,7 +542,7 @@ def _next_sequence(out_dir: Path) -> int:
 
 def version_name(sequence: int, step: int) -> str:
     """``000012-step6000``: the sequence zero-padded, so that names sort in time order."""
-    return f"{sequence:0{_SEQ_DIGITS}d}-step{step}"
+    return f"{sequence:0{SEQ_DIGITS}d}-step{step}"
 
 
 def version_sequence(name: str) -> int:

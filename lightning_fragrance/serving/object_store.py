@@ -36,6 +36,7 @@ from lightning_fragrance.serving.loading import (
     CURRENT_FILE,
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
+    SEQ_DIGITS,
     ChecksumMismatchError,
     ExportError,
     ExportManifest,
@@ -61,6 +62,8 @@ MAX_POINTER_BYTES = 4096
 # Versions downloaded into the cache that stay there (the serving one and the one before it,
 # for a rollback without a download); older ones are deleted after each fetch.
 CACHED_VERSIONS = 2
+# Where lf-export claims version numbers (``claim_version``); not a version (a dot name).
+CLAIMS_DIR = ".claims"
 _CHUNK = 1 << 20
 
 
@@ -300,6 +303,47 @@ def _parse_manifest(path: str, raw: bytes) -> ExportManifest:
 # --------------------------------------------------------------------------- publishing
 
 
+def claim_version(fs: fsspec.AbstractFileSystem, root: str, step: int) -> str:
+    """Reserve the next free version number in the store and return the version's name.
+
+    An object store has no rename to settle a race between two exporters, so each number is
+    claimed by creating ``.claims/<number>`` with an exclusive create (S3's conditional write,
+    ``If-None-Match: *``): of two exporters that listed the same store at the same moment, one
+    gets the number and the other the next one. A claimed number is never reused, even when
+    its upload then failed. (A store that ignores conditional writes gives no such guarantee:
+    run one exporter at a time there.)
+
+    Raises:
+        ExportError: no free number among the next 100 (the store is not one lf-export wrote).
+    """
+    sequence = _highest_sequence(fs, root)
+    claims = f"{root}/{CLAIMS_DIR}"
+    for _ in range(100):
+        sequence += 1
+        try:
+            fs.pipe_file(f"{claims}/{sequence:0{SEQ_DIGITS}d}", b"", mode="create")
+        except FileExistsError:  # another exporter took it since we listed
+            log.info("version number %d in %s was just taken; trying the next", sequence, root)
+            continue
+        return version_name(sequence, step)
+    raise ExportError(f"no free version number in {fs.unstrip_protocol(root)} after {sequence}")
+
+
+def _highest_sequence(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """The highest number of a version (complete or not) or a claim in the store; 0 if none."""
+    numbers = [0]
+    for folder, number in ((root, version_sequence), (f"{root}/{CLAIMS_DIR}", _claim_number)):
+        fs.invalidate_cache(folder)
+        if fs.exists(folder):
+            names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+            numbers += [number(name) for name in names]
+    return max(numbers)
+
+
+def _claim_number(name: str) -> int:
+    return int(name) if name.isdigit() else 0
+
+
 def publish_export(
     staging: Path,
     url: str,
@@ -313,9 +357,10 @@ def publish_export(
 ) -> str:
     """Upload the finished export in ``staging`` to the store at ``url``; return its URL.
 
-    Order: the files, then ``manifest.json`` (the commit marker), then ``CURRENT`` if asked.
-    An upload that fails removes what it uploaded when the store is still reachable; what it
-    cannot remove has no manifest, so it is never listed or loaded.
+    Order: claim a version number (``claim_version``), the files, then ``manifest.json`` (the
+    commit marker), then ``CURRENT`` if asked. An upload that fails removes what it uploaded
+    when the store is still reachable; what it cannot remove has no manifest, so it is never
+    listed or loaded.
 
     Raises:
         ExportError: the upload failed (the cause is chained); no version was published.
@@ -325,28 +370,26 @@ def publish_export(
     else:
         root = url
     root = root.rstrip("/")
-    fs.invalidate_cache(root)
-    existing = fs.ls(root, detail=False) if fs.exists(root) else []
-    # Partial uploads count too: their sequence number is never reused by the next export.
-    sequence = max((version_sequence(str(p).rsplit("/", 1)[-1]) for p in existing), default=0)
-    version = version_name(sequence + 1, step)
-    prefix = f"{root}/{version}"
-    manifest = ExportManifest(
-        version=version,
-        files=dict(files),
-        source_checkpoint=source,
-        source_step=step,
-        metrics={k: float(v) for k, v in metrics.items()},
-        created_at=datetime.now(timezone.utc).isoformat(),
-    )
+    version, prefix = "(unclaimed)", ""
     try:
+        version = claim_version(fs, root, step)
+        prefix = f"{root}/{version}"
+        manifest = ExportManifest(
+            version=version,
+            files=dict(files),
+            source_checkpoint=source,
+            source_step=step,
+            metrics={k: float(v) for k, v in metrics.items()},
+            created_at=datetime.now(timezone.utc).isoformat(),
+        )
         for name in files:
             fs.put_file(str(staging / name), f"{prefix}/{name}")
         fs.pipe_file(f"{prefix}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode())
     except BaseException as exc:
-        with contextlib.suppress(Exception):
-            fs.rm(prefix, recursive=True)
-        if not isinstance(exc, Exception):
+        if prefix:
+            with contextlib.suppress(Exception):
+                fs.rm(prefix, recursive=True)
+        if not isinstance(exc, Exception) or isinstance(exc, ExportError):
             raise  # KeyboardInterrupt, SystemExit: cleaned up, not reworded
         raise ExportError(
             f"uploading {version} to {fs.unstrip_protocol(root)} failed ({type(exc).__name__}: "

@@ -9,10 +9,12 @@ second, uncached client that looks at the store as another machine would.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -293,3 +295,37 @@ def test_the_brief_llm_line_serves_from_the_store_too(
         assert info["models"]["brief_llm"]["versions"] == [brief]
     finally:
         server.stop()
+
+
+def test_exporters_racing_on_one_store_publish_distinct_versions_that_all_load(
+    tmp_path: Path, bucket: str, ppo_checkpoints: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The exclusive create that claims a version number (S3's If-None-Match: *), on this server.
+    client = _observer_client()
+    client.pipe_file(f"{bucket}/probe", b"", mode="create")
+    with pytest.raises(FileExistsError):
+        client.pipe_file(f"{bucket}/probe", b"", mode="create")
+
+    url = f"s3://{bucket}/exports"
+    staged = [export(ppo_checkpoints[i], tmp_path / "local") for i in range(2)]
+    published: list[str] = []
+    for _ in range(3):  # rounds of two exporters released at the same instant
+        barrier = threading.Barrier(2)
+
+        def publish(directory: Path, start: threading.Barrier = barrier) -> None:
+            start.wait()
+            published.append(_name(publish_export_directory(directory, url)))
+
+        threads = [threading.Thread(target=publish, args=(d,)) for d in staged]
+        with caplog.at_level(logging.INFO, logger="lightning_fragrance.serving.object_store"):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+    collisions = sum("was just taken" in r.getMessage() for r in caplog.records)
+    print(f"6 racing exports: {collisions} version number(s) taken by the other exporter")
+    assert sorted(int(name[:6]) for name in published) == [1, 2, 3, 4, 5, 6]
+    store = ExportStore(url)
+    assert store.complete_versions() == sorted(published)
+    for name in published:  # no upload was mixed into another's version
+        assert store.load(name).manifest.version == name
