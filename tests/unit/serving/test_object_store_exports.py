@@ -30,7 +30,11 @@ from lightning_fragrance.serving.loading import (
     UnsafeExportFileError,
     export,
 )
-from lightning_fragrance.serving.object_store import CACHED_VERSIONS, ObjectStoreExports
+from lightning_fragrance.serving.object_store import (
+    CACHED_VERSIONS,
+    CLAIMS_DIR,
+    ObjectStoreExports,
+)
 from lightning_fragrance.serving.settings import ServeSettings
 
 
@@ -229,3 +233,13 @@ def test_auto_promotion_on_a_url_store_points_current_at_a_new_export_once_it_lo
     assert record is not None and record.done.wait(60)
     assert manager.current_version == second and store.current() == second
     manager.shutdown()
+
+
+def test_a_claimed_version_number_is_never_reused_even_when_its_upload_left_nothing(
+    url: str, ppo_checkpoints: list[Path]
+) -> None:
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{root}/{CLAIMS_DIR}/000001", b"")  # an exporter that claimed 1 and failed
+    published = _version(export(ppo_checkpoints[0], url))
+    assert published.startswith("000002-")
+    assert ExportStore(url).versions() == [published]  # the claims are not a version
