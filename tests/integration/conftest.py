@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
+
+# Helper modules shared by the integration tests (e.g. `multirank`) sit beside this file.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 PROMETHEUS_BINARIES = ("prometheus", "prometheus-pushgateway", "promtool")
 INSTALL = (

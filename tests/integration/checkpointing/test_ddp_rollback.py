@@ -8,15 +8,11 @@ for rank 1, which must not be pytest.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from multirank import run_ranks
 
 SCRIPT = Path(__file__).with_name("ddp_rollback_script.py")
 # Two gloo ranks of a tiny MLP take 10-60 s here (importing Lightning twice on a loaded 2-core
@@ -25,52 +21,17 @@ SCRIPT = Path(__file__).with_name("ddp_rollback_script.py")
 RUN_TIMEOUT_S = 150
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _run_ddp_script(checkpoint_dir: Path, out_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "PL_GLOBAL_SEED"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(checkpoint_dir), str(out_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        # Its own process group, so a hang is ended with both ranks (rank 1 is rank 0's child).
-        start_new_session=True,
-    )
-    try:
-        stdout, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-        pytest.fail(
-            f"the 2-rank DDP run did not finish within {RUN_TIMEOUT_S} s (a hang: ranks "
-            f"disagreeing on a collective?); its output:\n{stdout[-4000:]}"
-        )
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, None)
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     base = tmp_path_factory.mktemp("ddp")
     checkpoint_dir, out_dir = base / "checkpoints", base / "out"
     checkpoint_dir.mkdir()
     out_dir.mkdir()
-    result = _run_ddp_script(checkpoint_dir, out_dir)
-    assert result.returncode == 0, f"DDP script failed:\n{result.stdout[-6000:]}"
-    return checkpoint_dir, out_dir, result.stdout
+    code, stdout = run_ranks(
+        SCRIPT, str(checkpoint_dir), str(out_dir), timeout_s=RUN_TIMEOUT_S, what="2-rank DDP run"
+    )
+    assert code == 0, f"DDP script failed:\n{stdout[-6000:]}"
+    return checkpoint_dir, out_dir, stdout
 
 
 def _report(out_dir: Path, rank: int) -> dict:

@@ -11,44 +11,19 @@ on two machines). The shared case is every other multi-rank test (they pass the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from multirank import run_ranks
 
 SCRIPT = Path(__file__).with_name("ddp_unshared_dir_script.py")
 RUN_TIMEOUT_S = 150  # stops a hang (ranks disagreeing on a collective), not a slow run
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _run(mode: str, out: Path) -> list[str]:
-    env = dict(os.environ)
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "PL_GLOBAL_SEED"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), mode, str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,  # rank 1 is rank 0's child: a hang is ended with both
+    _, stdout = run_ranks(
+        SCRIPT, mode, str(out), timeout_s=RUN_TIMEOUT_S, what=f"2-rank {mode} run"
     )
-    try:
-        stdout, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-        pytest.fail(f"the 2-rank {mode} run hung; its output:\n{stdout[-4000:]}")
     results = [out / f"rank{rank}.json" for rank in (0, 1)]
     missing = [str(p) for p in results if not p.exists()]
     assert not missing, f"no result from {missing}; output:\n{stdout[-4000:]}"

@@ -9,16 +9,12 @@ rank 1, which must not be pytest. One launch runs a clean run and a faulted run.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from multirank import run_ranks
 
 SCRIPT = Path(__file__).with_name("fabric_ppo_script.py")
 # Two runs of 80 tiny PPO updates on two gloo ranks take 30-60 s here (importing Lightning in
@@ -27,39 +23,11 @@ SCRIPT = Path(__file__).with_name("fabric_ppo_script.py")
 RUN_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fabric_ddp")
-    env = dict(os.environ)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "PL_GLOBAL_SEED"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,  # a hang is ended with both ranks (rank 1 is rank 0's child)
-    )
-    try:
-        stdout, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-        pytest.fail(f"the 2-rank Fabric run hung for {RUN_TIMEOUT_S} s:\n{stdout[-4000:]}")
-    assert proc.returncode == 0, f"Fabric script failed:\n{stdout[-6000:]}"
+    code, stdout = run_ranks(SCRIPT, str(out), timeout_s=RUN_TIMEOUT_S, what="2-rank Fabric run")
+    assert code == 0, f"Fabric script failed:\n{stdout[-6000:]}"
     return out
 
 

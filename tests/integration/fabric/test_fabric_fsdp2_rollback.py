@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from multirank import run_ranks
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from lightning_fragrance.checkpointing import CheckpointStore
@@ -35,39 +32,13 @@ RUN_TIMEOUT_S = 240
 SHARD_FILES = {".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fabric_fsdp2")
-    env = dict(os.environ)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
+    code, stdout = run_ranks(
+        SCRIPT, str(out), timeout_s=RUN_TIMEOUT_S, what="2-rank Fabric FSDP2 run"
     )
-    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "PL_GLOBAL_SEED"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,  # a hang is ended with both ranks (rank 1 is rank 0's child)
-    )
-    try:
-        stdout, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-        pytest.fail(f"the 2-rank Fabric FSDP2 run hung for {RUN_TIMEOUT_S} s:\n{stdout[-4000:]}")
-    assert proc.returncode == 0, f"Fabric FSDP2 script failed:\n{stdout[-6000:]}"
+    assert code == 0, f"Fabric FSDP2 script failed:\n{stdout[-6000:]}"
     return out
 
 
