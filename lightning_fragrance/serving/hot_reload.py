@@ -695,7 +695,8 @@ class HotReloadManager(Generic[M]):
                 and standby.version == record.requested_version
             ):
                 # CURRENT pointed back at the kept version (a rollback in another process).
-                self._swap_to(record, standby, success)
+                if not self._swap_to(record, standby, success):
+                    return False
                 log.info("=== Model reload finished (kept worker reused) ===")
                 return True
             if standby is not None:
@@ -715,7 +716,10 @@ class HotReloadManager(Generic[M]):
                 # Outside the except block: the traceback no longer pins the failed model.
                 release_memory(collect=False)
                 return False
-            self._switch_and_drain(record, new)
+            if not self._switch_and_drain(record, new):
+                self._finish(record, ReloadResult.REJECTED, error=_SHUT_DOWN)
+                log.info("=== Model reload abandoned: the service shut down ===")
+                return False
             self._finish(record, success, error=None)
             log.info("=== Model reload finished ===")
             return True
@@ -834,16 +838,23 @@ class HotReloadManager(Generic[M]):
         record.phase_seconds[phase.value] = seconds
         self.observer.on_phase(phase, seconds)
 
-    def _switch_and_drain(self, record: ReloadRecord, new: Worker[M]) -> None:
+    def _switch_and_drain(self, record: ReloadRecord, new: Worker[M]) -> bool:
+        """Switch to ``new``, drain and retire the old worker; False (``new`` stopped, nothing
+        switched) when the manager was shut down while ``new`` was being prepared."""
         with self._phase(record, ReloadPhase.SWITCHING):
             start = time.perf_counter()
             with self._lock:
                 old = self._current
-                assert old is not None
-                new.status = WorkerStatus.SERVING
-                old.status = WorkerStatus.DRAINING
-                self._current = new
+                if old is None:  # shutdown() ran during the load: serve nothing new
+                    new.status = WorkerStatus.STOPPED
+                else:
+                    new.status = WorkerStatus.SERVING
+                    old.status = WorkerStatus.DRAINING
+                    self._current = new
             record.switch_seconds = time.perf_counter() - start
+        if old is None:
+            self._stop(new)
+            return False
         record.from_worker, record.from_version = old.name, old.version
         self._version_history.append(new.version)
         log.info("Traffic switched: %s -> %s", old.name, new.name)
@@ -863,6 +874,7 @@ class HotReloadManager(Generic[M]):
         else:
             with self._phase(record, ReloadPhase.STOPPED):
                 self._stop(old)
+        return True
 
     def _drain(self, record: ReloadRecord, old: Worker[M]) -> None:
         with self._phase(record, ReloadPhase.DRAINING):
@@ -878,11 +890,14 @@ class HotReloadManager(Generic[M]):
                 log.warning("[%s] drain timeout (remaining: %d)", old.name, remaining)
                 self.observer.on_drain_timeout(remaining, self.drain_timeout_action)
 
-    def _swap_to(self, record: ReloadRecord, standby: Worker[M], result: ReloadResult) -> None:
+    def _swap_to(self, record: ReloadRecord, standby: Worker[M], result: ReloadResult) -> bool:
         """Switch back to a kept-warm worker: no load, no warm-up (it served until now)."""
         record.to_worker, record.to_version = standby.name, standby.version
-        self._switch_and_drain(record, standby)
-        self._finish(record, result, error=None)
+        if self._switch_and_drain(record, standby):
+            self._finish(record, result, error=None)
+            return True
+        self._finish(record, ReloadResult.REJECTED, error=_SHUT_DOWN)
+        return False
 
     def _retire_standby(self, worker: Worker[M]) -> None:
         with self._lock:
@@ -967,6 +982,13 @@ def _result_for(exc: BaseException, phase: ReloadPhase) -> ReloadResult:
         ReloadPhase.VALIDATING: ReloadResult.VALIDATION_FAILED,
         ReloadPhase.WARMING: ReloadResult.WARMUP_FAILED,
     }.get(phase, ReloadResult.LOAD_FAILED)
+
+
+_SHUT_DOWN = {
+    "type": "ShutDown",
+    "reason": "shut_down",
+    "message": "the service shut down before the switch; the new worker was stopped",
+}
 
 
 def _describe(exc: BaseException) -> dict[str, str]:

@@ -443,3 +443,34 @@ def test_on_done_gets_the_finished_record_before_the_next_reload_may_start() -> 
     assert manager.start_reload("v2", on_done=on_done).done.wait(30)
     assert manager.start_reload("broken", on_done=on_done).done.wait(30)
     assert seen == [(ReloadResult.SUCCESS, True), (ReloadResult.LOAD_FAILED, True)]
+
+
+def test_a_shutdown_during_a_reload_stops_the_new_worker_and_ends_the_reload_cleanly() -> None:
+    loading, release = threading.Event(), threading.Event()
+    base = Loader()
+    built: list[Tiny] = []
+
+    def loader(version: str | None) -> Tiny:
+        if version == "v2":
+            loading.set()
+            assert release.wait(30)
+        model = base(version)
+        built.append(model)
+        return model
+
+    observer = RecordingObserver()
+    manager = make_manager(loader, observer=observer)  # type: ignore[arg-type]
+    record = manager.start_reload("v2")
+    assert loading.wait(30)
+    manager.shutdown()  # the process is exiting while v2 loads
+    release.set()
+    assert record.done.wait(30), "the reload never ended"
+
+    # No exception escaped the reload thread: it ended as a refusal, with the reason.
+    assert record.result is ReloadResult.REJECTED
+    assert record.error is not None and record.error["reason"] == "shut_down"
+    assert not manager.reloading
+    with pytest.raises(NoModelLoaded):  # nothing was switched in after the shutdown
+        manager.serve(version_of)
+    assert [m.version for m in built] == ["v1", "v2"]  # v2 was built, then stopped unserved
+    assert observer.results == [ReloadResult.REJECTED]
