@@ -83,6 +83,7 @@ def serve(settings: ServeSettings, log_level: str = "INFO") -> None:
         "lightning_fragrance.serving.app:app_from_environment",
         factory=True,
         workers=settings.workers,
+        timeout_worker_healthcheck=settings.worker_healthcheck_s,
         **common,
     )
 

@@ -94,6 +94,10 @@ class ServeSettings(BaseModel):
         shutdown_ready_delay_s: after SIGTERM, ``/ready`` answers 503 this long before the
             listener closes, so load balancers stop sending traffic first.
         graceful_shutdown_s: then in-flight requests get this long to finish.
+        worker_healthcheck_s: with ``workers`` > 1, uvicorn's supervisor kills and restarts a
+            worker that does not answer its health ping within this time. uvicorn's 5 s default
+            is shorter than a worker importing torch and loading its model takes on a busy
+            machine, which then restarts workers in a loop.
         brief_backend: ``rules`` (default) or ``llm``: the brief LLM line, hot-reloaded from
             ``llm_export_dir`` like the policy.
         llm_export_dir: the brief LLM's export store (default ``<export_dir>/brief_llm``, what
@@ -142,6 +146,7 @@ class ServeSettings(BaseModel):
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     shutdown_ready_delay_s: float = Field(default=1.0, ge=0)
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    worker_healthcheck_s: int = Field(default=30, ge=1)
     brief_backend: BriefBackend = BriefBackend.RULES
     llm_export_dir: StoreLocation | None = None
     llm_warmup_steps: int = Field(default=1, ge=0)
