@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from enum import Enum
 from pathlib import Path
 
@@ -86,8 +87,8 @@ def export_checkpoint(
 
     Args:
         ckpt_path: A Lightning checkpoint (PPO policy or `BriefGRPO`).
-        export_dir: The export store (the brief LLM's line is its ``brief_llm/`` folder); the
-            policy line also takes an object-store URL (``s3://bucket/exports``).
+        export_dir: The export store (the brief LLM's line is its ``brief_llm/`` folder), a
+            directory or an object-store URL (``s3://bucket/exports``).
         model: ``auto`` (detect), ``policy`` or ``brief_llm``.
         model_class: The policy's allowlisted class (ignored for the brief LLM).
         make_current: Point the line's ``CURRENT`` at the new version.
@@ -107,14 +108,18 @@ def export_checkpoint(
         line = detect_model_line(ckpt_path)
     if line is ModelLine.POLICY:
         return export(ckpt_path, export_dir, model_class=model_class, make_current=make_current)
-    if is_store_url(str(export_dir)):
-        raise ExportError(
-            f"export_dir={export_dir}: the brief LLM line exports to a local directory only; "
-            "export locally and copy the version directory (manifest.json last)"
-        )
-    from lightning_fragrance.llm.export import export_brief_checkpoint
+    from lightning_fragrance.llm.export import DEFAULT_MODEL_NAME, export_brief_checkpoint
 
-    return export_brief_checkpoint(ckpt_path, export_dir, make_current=make_current)
+    if not is_store_url(str(export_dir)):
+        return export_brief_checkpoint(ckpt_path, export_dir, make_current=make_current)
+    # An object store has no rename: the export is built and verified locally, then published
+    # like a policy export (files first, manifest.json last, CURRENT after it).
+    from lightning_fragrance.serving.object_store import publish_export_directory
+
+    with tempfile.TemporaryDirectory(prefix="lf-export-") as staging:
+        local = export_brief_checkpoint(ckpt_path, staging)
+        url = str(export_dir).rstrip("/") + "/" + DEFAULT_MODEL_NAME
+        return publish_export_directory(local, url, make_current=make_current)
 
 
 def _hydra_entry(cfg: DictConfig) -> None:

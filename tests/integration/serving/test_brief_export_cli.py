@@ -190,3 +190,49 @@ def test_model_line_brief_llm_on_a_policy_checkpoint_exits_2_naming_what_is_miss
     auto = lf_export(ckpt, f"export_dir={root}")
     assert auto.returncode == 0, auto.stderr[-3000:]
     assert Path(auto.stdout.strip().splitlines()[-1]) == root / "000001-step2"
+
+
+def test_lf_export_publishes_a_brief_checkpoint_to_an_object_store(
+    guard_run: GuardRun, tmp_path: Path
+) -> None:
+    """moto in server mode on 127.0.0.1 stands in for S3 (`moto_s3.py`): the real `lf-export`
+    reaches it through the standard AWS_* settings, as it would reach S3."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpointing"))
+    from moto_s3 import client_environment, moto_server, require_moto
+
+    require_moto()
+    import s3fs
+
+    from lightning_fragrance.serving.object_store import ObjectStoreExports
+
+    with moto_server() as endpoint:
+        settings = client_environment(endpoint)
+        client = s3fs.S3FileSystem(
+            key=settings["AWS_ACCESS_KEY_ID"],
+            secret=settings["AWS_SECRET_ACCESS_KEY"],
+            endpoint_url=endpoint,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
+        client.mkdir("models")
+        env = {**os.environ, **settings, "PYTHONWARNINGS": "ignore"}
+        args = ["export_dir=s3://models/exports", "make_current=true"]
+        done = subprocess.run(
+            [str(LF_EXPORT), f"ckpt_path={guard_run.checkpoint}", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        url = done.stdout.strip().splitlines()[-1]
+        version = url.rstrip("/").rsplit("/", 1)[-1]
+        assert url == f"s3://models/exports/brief_llm/{version}"
+        # CURRENT on the store names it, and a reader that downloads and verifies it gets the
+        # policy the guard's checkpoint holds, bit for bit.
+        store = ObjectStoreExports("models/exports/brief_llm", fs=client)
+        assert store.current() == version
+        loaded = load_brief_export(store.fetch(version))
+        for name, tensor in guard_run.policy.items():
+            assert torch.equal(loaded.model.state_dict()[name], tensor), name
