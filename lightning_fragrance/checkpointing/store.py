@@ -338,6 +338,16 @@ class CheckpointStore:
         self._atomic_write_bytes(HISTORY_FILE, data)
 
     # ------------------------------------------------------------------ writing
+    def _list(self, record: CheckpointRecord) -> None:
+        """The commit point of every checkpoint: ``record`` (its files already in place)
+        replaces any entry of its step in the history, then retention runs."""
+        with self._lock:
+            self._entries = [e for e in self._entries if e.step != record.step]
+            self._entries.append(record)
+            self._entries.sort(key=lambda r: r.step)
+            self._write_history()
+            self._apply_retention()
+
     def commit(
         self,
         step: int,
@@ -374,12 +384,7 @@ class CheckpointStore:
                 run_id=run_id or self.run_id,
                 initial=initial,
             )
-            with self._lock:
-                self._entries = [e for e in self._entries if e.step != step]
-                self._entries.append(record)
-                self._entries.sort(key=lambda r: r.step)
-                self._write_history()
-                self._apply_retention()
+            self._list(record)
         finally:
             with self._lock:
                 self._protect_remove(step)
@@ -469,12 +474,7 @@ class CheckpointStore:
                 sharded=True,
                 files=listed,
             )
-            with self._lock:
-                self._entries = [e for e in self._entries if e.step != step]
-                self._entries.append(record)
-                self._entries.sort(key=lambda r: r.step)
-                self._write_history()
-                self._apply_retention()
+            self._list(record)
         finally:
             with self._lock:
                 self._protect_remove(step)
