@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
+from dcp_inspect import history_entries, rank_chunks, saved_local_shards, verified_metadata
 from multirank import run_ranks
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-
-from lightning_fragrance.checkpointing import CheckpointStore
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 SCRIPT = Path(__file__).with_name("fabric_fsdp2_script.py")
 # The launch (26 updates, 10 sharded saves, 2 rollbacks, 3 loads on two gloo ranks) took 18 s
@@ -46,55 +43,9 @@ def _report(out: Path, scenario: str, rank: int) -> dict[str, Any]:
     return json.loads((out / f"{scenario}_rank{rank}.json").read_text())
 
 
-def _entries(out: Path) -> dict[int, dict[str, Any]]:
-    history = json.loads((out / "checkpoints" / "checkpoint_history.json").read_text())
-    return {int(e["step"]): e for e in history["entries"]}
-
-
-def _verified_metadata(out: Path, step: int) -> Metadata:
-    """DCP's metadata of an intact checkpoint, read (it is a pickle) after its sha256 matched."""
-    store = CheckpointStore(str(out / "checkpoints"), read_only=True)
-    record = store.record(step)
-    assert record is not None and record.sharded
-    store.verify_files(record)
-    return dcp.FileSystemReader(str(out / "checkpoints" / record.file)).read_metadata()
-
-
-def _rank_chunks(metadata: Metadata, rank: int) -> Iterator[tuple[str, Any]]:
-    """(fqn, chunk) of every tensor chunk stored in ``rank``'s file."""
-    for index, info in metadata.storage_data.items():
-        if info.relative_path == f"__{rank}_0.distcp":
-            stored = metadata.state_dict_metadata[index.fqn]
-            if isinstance(stored, TensorStorageMetadata):  # not the pickled param_groups
-                yield index.fqn, stored.chunks[index.index or 0]
-
-
-def _saved_local_shards(out: Path, step: int, rank: int) -> dict[str, torch.Tensor]:
-    """What ``rank`` saved at ``step``, named as the script names its live shards: the chunk of
-    each weight and Adam moment in that rank's file (Fabric's keys: ``model.<fqn>``,
-    ``optimizer.state.<fqn>.<moment>``), cut from the tensors assembled from both files."""
-    metadata = _verified_metadata(out, step)
-    full = {
-        fqn: torch.empty(tuple(info.size), dtype=info.properties.dtype)
-        for fqn, info in metadata.state_dict_metadata.items()
-        if isinstance(info, TensorStorageMetadata)
-    }
-    path = str(out / "checkpoints" / f"checkpoint_step_{step}")
-    dcp.load(full, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-    shards: dict[str, torch.Tensor] = {}
-    for fqn, chunk in _rank_chunks(metadata, rank):
-        cut = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
-        if fqn.startswith("model."):
-            shards[fqn.removeprefix("model.")] = full[fqn][cut]
-        elif fqn.startswith("optimizer.state.") and fqn.rsplit(".", 1)[1] != "step":
-            param, moment = fqn.removeprefix("optimizer.state.").rsplit(".", 1)
-            shards[f"{moment}.{param}"] = full[fqn][cut]
-    return shards
-
-
 def _assert_holds_saved_shards(live_path: Path, out: Path, step: int, rank: int) -> None:
     live: dict[str, torch.Tensor] = torch.load(live_path, weights_only=True)
-    saved = _saved_local_shards(out, step, rank)
+    saved = saved_local_shards(out, step, rank, "model", "optimizer")
     # every weight and both Adam moments of each (an empty shard stores an empty chunk)
     assert set(saved) == set(live), f"saved {sorted(saved)}, live {sorted(live)}"
     assert sum(name.startswith("exp_avg_sq.") for name in saved) == 6
@@ -103,7 +54,7 @@ def _assert_holds_saved_shards(live_path: Path, out: Path, step: int, rank: int)
 
 
 def test_every_checkpoint_is_a_directory_with_one_shard_file_per_rank(out: Path) -> None:
-    entries = _entries(out)
+    entries = history_entries(out)
     assert sorted(entries) == [0, 3, 6, 9, 12, 15, 18, 21, 24]
     for step, entry in entries.items():
         directory = out / "checkpoints" / f"checkpoint_step_{step}"
@@ -112,10 +63,10 @@ def test_every_checkpoint_is_a_directory_with_one_shard_file_per_rank(out: Path)
 
 
 def test_no_rank_saved_the_full_state(out: Path) -> None:
-    metadata = _verified_metadata(out, 15)
+    metadata = verified_metadata(out, 15)
     for rank in (0, 1):
         split = 0
-        for fqn, chunk in _rank_chunks(metadata, rank):
+        for fqn, chunk in rank_chunks(metadata, rank):
             stored = metadata.state_dict_metadata[fqn]
             assert isinstance(stored, TensorStorageMetadata)
             if len(stored.size) and stored.size[0] >= 2:  # a tensor FSDP2 splits by rows
@@ -151,7 +102,7 @@ def test_after_each_rollback_each_rank_holds_exactly_its_saved_shard(out: Path) 
 def test_damaged_shard_and_metadata_are_refused_by_sha256_before_anything_reads_them(
     out: Path,
 ) -> None:
-    entries = _entries(out)
+    entries = history_entries(out)
     assert entries[12]["status"] == "corrupt" and "__1_0.distcp" in entries[12]["note"]
     assert entries[9]["status"] == "corrupt" and ".metadata" in entries[9]["note"]
     # Step 9's .metadata was replaced by a pickle that creates this directory when unpickled.
@@ -175,7 +126,7 @@ def test_a_resumed_guard_loads_the_newest_checkpoint_and_continues_its_history(
         assert resumed["loaded"] == 18 and resumed["saved"] == [21, 24]
         assert resumed["run_id"] == run["run_id"] and resumed["rollback_events"] == []
         _assert_holds_saved_shards(out / f"resume_rank{rank}_loaded.pt", out, 18, rank)
-    entries = _entries(out)
+    entries = history_entries(out)
     assert {entries[s]["run_id"] for s in (21, 24)} == {run["run_id"]}
 
 

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
+from dcp_inspect import history_entries, rank_chunks, saved_local_shards, verified_metadata
 from multirank import run_ranks
 from safetensors.torch import load_file
 from torch import nn
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from lightning_fragrance.checkpointing import CheckpointStore
 from lightning_fragrance.checkpointing.sharded import consolidate_checkpoint
 from lightning_fragrance.cli import checkpoints as checkpoints_cli
 from lightning_fragrance.serving.loading import ExportError, export, register_model_class
@@ -54,53 +52,9 @@ def _history(out: Path) -> dict[str, Any]:
     return json.loads((out / "checkpoints" / "checkpoint_history.json").read_text())
 
 
-def _entries(out: Path) -> dict[int, dict[str, Any]]:
-    return {int(e["step"]): e for e in _history(out)["entries"]}
-
-
-def _verified_metadata(out: Path, step: int) -> Metadata:
-    """DCP's metadata of an intact checkpoint, read (it is a pickle) after its sha256 matched."""
-    store = CheckpointStore(str(out / "checkpoints"), read_only=True)
-    record = store.record(step)
-    assert record is not None and record.sharded
-    store.verify_files(record)
-    return dcp.FileSystemReader(str(out / "checkpoints" / record.file)).read_metadata()
-
-
-def _rank_chunks(metadata: Metadata, rank: int) -> Iterator[tuple[str, Any]]:
-    """(fqn, chunk) of every tensor chunk stored in ``rank``'s file."""
-    for index, info in metadata.storage_data.items():
-        if info.relative_path == f"__{rank}_0.distcp":
-            stored = metadata.state_dict_metadata[index.fqn]
-            if isinstance(stored, TensorStorageMetadata):  # not the pickled param_groups
-                yield index.fqn, stored.chunks[index.index or 0]
-
-
-def _saved_local_shards(out: Path, step: int, rank: int) -> dict[str, torch.Tensor]:
-    """What ``rank`` saved at ``step``, named as the script names its live shards: the chunk of
-    each weight and Adam moment stored in that rank's file, cut from the assembled tensors."""
-    metadata = _verified_metadata(out, step)
-    full = {
-        fqn: torch.empty(tuple(info.size), dtype=info.properties.dtype)
-        for fqn, info in metadata.state_dict_metadata.items()
-        if isinstance(info, TensorStorageMetadata)
-    }
-    path = str(out / "checkpoints" / f"checkpoint_step_{step}")
-    dcp.load(full, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-    shards: dict[str, torch.Tensor] = {}
-    for fqn, chunk in _rank_chunks(metadata, rank):
-        cut = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
-        if fqn.startswith("state_dict."):
-            shards[fqn.removeprefix("state_dict.")] = full[fqn][cut]
-        elif fqn.startswith("optimizer_0.state.") and fqn.rsplit(".", 1)[1] != "step":
-            param, moment = fqn.removeprefix("optimizer_0.state.").rsplit(".", 1)
-            shards[f"{moment}.{param}"] = full[fqn][cut]
-    return shards
-
-
 def _assert_holds_saved_shards(live_path: Path, out: Path, step: int, rank: int) -> None:
     live: dict[str, torch.Tensor] = torch.load(live_path, weights_only=True)
-    saved = _saved_local_shards(out, step, rank)
+    saved = saved_local_shards(out, step, rank, "state_dict", "optimizer_0")
     assert set(saved) <= set(live), f"{live_path.name}: saved {sorted(saved)}, live {sorted(live)}"
     for name, tensor in live.items():
         if name not in saved:  # an empty shard (this rank holds no row of it) stores no chunk
@@ -110,7 +64,7 @@ def _assert_holds_saved_shards(live_path: Path, out: Path, step: int, rank: int)
 
 
 def test_every_checkpoint_is_a_directory_with_one_shard_file_per_rank(out: Path) -> None:
-    entries = _entries(out)
+    entries = history_entries(out)
     assert sorted(entries) == [0, 3, 6, 9, 12, 15, 21, 24, 27]
     for step, entry in entries.items():
         directory = out / "checkpoints" / f"checkpoint_step_{step}"
@@ -119,10 +73,10 @@ def test_every_checkpoint_is_a_directory_with_one_shard_file_per_rank(out: Path)
 
 
 def test_no_rank_saved_the_full_state(out: Path) -> None:
-    metadata = _verified_metadata(out, 15)
+    metadata = verified_metadata(out, 15)
     sharded = 0
     for rank in (0, 1):
-        for fqn, chunk in _rank_chunks(metadata, rank):
+        for fqn, chunk in rank_chunks(metadata, rank):
             stored = metadata.state_dict_metadata[fqn]
             assert isinstance(stored, TensorStorageMetadata)
             if len(stored.size) and stored.size[0] >= 2:  # a tensor FSDP2 splits by rows
@@ -160,7 +114,7 @@ def test_after_each_rollback_each_rank_holds_exactly_its_saved_shard(out: Path) 
 def test_damaged_shard_and_metadata_are_refused_by_sha256_before_anything_reads_them(
     out: Path,
 ) -> None:
-    entries = _entries(out)
+    entries = history_entries(out)
     assert entries[12]["status"] == "corrupt" and "__1_0.distcp" in entries[12]["note"]
     assert entries[9]["status"] == "corrupt" and ".metadata" in entries[9]["note"]
     # Step 9's .metadata was replaced by a pickle that creates this directory when unpickled.
@@ -171,7 +125,7 @@ def test_damaged_shard_and_metadata_are_refused_by_sha256_before_anything_reads_
 
 
 def test_a_failed_write_on_one_rank_commits_nothing_and_training_goes_on(out: Path) -> None:
-    assert 18 not in _entries(out)
+    assert 18 not in history_entries(out)
     names = set(os.listdir(out / "checkpoints"))
     assert "checkpoint_step_18" not in names and "checkpoint_step_18.tmp" not in names
     for rank in (0, 1):
@@ -185,7 +139,7 @@ def test_fit_resumes_from_a_sharded_checkpoint_directory(out: Path) -> None:
     assert resumed["run_id"] == run["run_id"]  # the same lineage, in the same history
     for rank in (0, 1):
         _assert_holds_saved_shards(out / f"resume_rank{rank}_start.pt", out, 21, rank)
-    entries = _entries(out)
+    entries = history_entries(out)
     assert {entries[s]["run_id"] for s in (21, 24, 27)} == {run["run_id"]}
 
 
