@@ -16,7 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -90,6 +92,44 @@ def client_environment(endpoint: str) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
         "AWS_DEFAULT_REGION": REGION,
     }
+
+
+@contextlib.contextmanager
+def s3_session() -> Iterator[str]:
+    """A moto server with its settings in this process's environment, as a user would export
+    them, so every client (s3fs, boto3, Lightning's ckpt_path loading, child processes that
+    inherit the environment) reaches it; yields the endpoint. The environment and fsspec's
+    client cache are restored afterwards."""
+    import s3fs
+
+    with moto_server() as endpoint:
+        settings = client_environment(endpoint)
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients by their arguments
+        try:
+            yield endpoint
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def observer_client() -> Any:
+    """A separate s3fs client with no listing cache: what another machine would see."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def new_bucket() -> str:
+    """Create a bucket with a fresh name on the session's server; its name."""
+    name = f"lf-{uuid.uuid4().hex[:12]}"
+    observer_client().mkdir(name)
+    return name
 
 
 class SeverableProxy:

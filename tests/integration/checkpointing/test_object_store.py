@@ -12,14 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from moto_s3 import ACCESS_KEY, SECRET_KEY, SeverableProxy, client_environment, moto_server
+from moto_s3 import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    SeverableProxy,
+    new_bucket,
+    observer_client,
+    s3_session,
+)
 from moto_s3 import require_moto as _require_moto
 from torch import nn
 
@@ -34,32 +40,13 @@ import s3fs  # noqa: E402  (after the check: a missing s3fs fails on CI with the
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        settings = client_environment(endpoint)
-        saved = {name: os.environ.get(name) for name in settings}
-        os.environ.update(settings)
-        s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients by their arguments
-        try:
-            yield endpoint
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
-
-def _observer_client() -> s3fs.S3FileSystem:
-    """A separate client with no listing cache: what another machine would see."""
-    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    with s3_session() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def bucket(s3_endpoint: str) -> str:
-    name = f"lf-{uuid.uuid4().hex[:12]}"
-    _observer_client().mkdir(name)
-    return name
+    return new_bucket()
 
 
 def _net_and_optimizer(width: int = 8) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -94,11 +81,11 @@ def _healthy_steps(
 
 
 def _listing(bucket: str, run: str) -> list[str]:
-    return sorted(p.rsplit("/", 1)[-1] for p in _observer_client().ls(f"{bucket}/{run}"))
+    return sorted(p.rsplit("/", 1)[-1] for p in observer_client().ls(f"{bucket}/{run}"))
 
 
 def _history(bucket: str, run: str) -> dict[str, Any]:
-    return json.loads(_observer_client().cat_file(f"{bucket}/{run}/{HISTORY_FILE}"))
+    return json.loads(observer_client().cat_file(f"{bucket}/{run}/{HISTORY_FILE}"))
 
 
 def test_checkpoints_commit_to_s3_with_their_sha256_and_retention(bucket: str) -> None:
@@ -112,7 +99,7 @@ def test_checkpoints_commit_to_s3_with_their_sha256_and_retention(bucket: str) -
     assert [e["step"] for e in entries] == [6, 8]
     assert _listing(bucket, "run") == sorted([HISTORY_FILE] + [e["file"] for e in entries])
     for entry in entries:
-        data = _observer_client().cat_file(f"{bucket}/run/{entry['file']}")
+        data = observer_client().cat_file(f"{bucket}/run/{entry['file']}")
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
         assert len(data) == entry["bytes"]
 
@@ -124,7 +111,7 @@ def test_a_rollback_reads_the_store_and_skips_a_bit_flipped_object(bucket: str) 
     net, optimizer = _net_and_optimizer()
     saved = _healthy_steps(manager, net, optimizer, range(1, 6))
     assert sorted(saved) == [1, 2, 4]
-    client, newest = _observer_client(), f"{bucket}/run/checkpoint_step_4.ckpt"
+    client, newest = observer_client(), f"{bucket}/run/checkpoint_step_4.ckpt"
     data = bytearray(client.cat_file(newest))
     data[len(data) // 2] ^= 0xFF
     client.pipe_file(newest, bytes(data))

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,15 @@ import pytest
 
 # The S3 server helper lives with the checkpoint store's object-store tests; one copy serves both.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpointing"))
-from moto_s3 import ACCESS_KEY, SECRET_KEY, SeverableProxy, client_environment, moto_server
+from moto_s3 import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    SeverableProxy,
+    client_environment,
+    new_bucket,
+    observer_client,
+    s3_session,
+)
 from moto_s3 import require_moto as _require_moto
 from serving_server import AUTH, REPO, TOKEN
 
@@ -55,32 +62,13 @@ BODY = {"user_text": "fresh citrus for summer", "mode": "fast"}
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        settings = client_environment(endpoint)
-        saved = {name: os.environ.get(name) for name in settings}
-        os.environ.update(settings)
-        s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients by their arguments
-        try:
-            yield endpoint
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
-
-def _observer_client() -> s3fs.S3FileSystem:
-    """A separate client with no listing cache: what another machine would see."""
-    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    with s3_session() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def bucket(s3_endpoint: str) -> str:
-    name = f"lf-{uuid.uuid4().hex[:12]}"
-    _observer_client().mkdir(name)
-    return name
+    return new_bucket()
 
 
 def _name(published: Path | str) -> str:
@@ -185,7 +173,7 @@ def test_two_replicas_on_s3_converge_on_current_refuse_a_changed_object_and_skip
 
         # A changed object on the store (same size, other bytes): refused, the old one serves.
         v3 = _name(export(ppo_checkpoints[0], url))
-        client = _observer_client()
+        client = observer_client()
         weights = f"{bucket}/exports/{v3}/{WEIGHTS_FILE}"
         data = bytearray(client.cat_file(weights))
         data[len(data) // 2] ^= 0xFF
@@ -263,7 +251,7 @@ def test_an_export_upload_cut_midway_publishes_no_version(bucket: str, tmp_path:
     store = ExportStore(url)
     assert store.complete_versions() == [good]
     assert store.current() == good
-    uploaded = _observer_client().find(f"{bucket}/exports")
+    uploaded = observer_client().find(f"{bucket}/exports")
     assert not any(path.endswith(MANIFEST_FILE) and good not in path for path in uploaded)
 
 
@@ -301,7 +289,7 @@ def test_exporters_racing_on_one_store_publish_distinct_versions_that_all_load(
     tmp_path: Path, bucket: str, ppo_checkpoints: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     # The exclusive create that claims a version number (S3's If-None-Match: *), on this server.
-    client = _observer_client()
+    client = observer_client()
     client.pipe_file(f"{bucket}/probe", b"", mode="create")
     with pytest.raises(FileExistsError):
         client.pipe_file(f"{bucket}/probe", b"", mode="create")
