@@ -61,6 +61,7 @@ def live(stack_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     collector.set_line_version("policy", "000002-step20", "current")
     collector.set_line_version("brief_llm", "000003-step300", "current")
     collector.record_line_reload("brief_llm", "success")
+    collector.record_line_reload("brief_llm", "load_failed")  # ModelLineReloadFailed's data
     collector.record_model_reload("success", {"validating": 0.05, "switching": 0.001})
     collector.record_model_reload("warmup_failed")
     collector.record_model_reload("rolled_back", {"stopped": 0.02})
