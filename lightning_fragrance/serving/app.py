@@ -30,7 +30,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
@@ -595,18 +595,28 @@ async def _llm_brief(state: ServingState, body: DnaRequest) -> tuple[BriefResult
     assert line is not None
     timeout = state.settings.request_timeout_s
     try:
-        brief = await line.generate(body.user_text, body.mode, timeout)
+        with _model_work_errors("brief", timeout):
+            brief = await line.generate(body.user_text, body.mode, timeout)
+    except BriefError as exc:
+        raise HTTPException(422, detail=str(exc)) from exc
+    return brief.result, brief.version
+
+
+@contextlib.contextmanager
+def _model_work_errors(what: str, timeout: float) -> Iterator[None]:
+    """The answers for model work that could not run, each with what the client can do: 503 +
+    Retry-After (its worker was retired past the drain timeout, or no model is loaded yet), 504
+    past ``request_timeout_s``."""
+    try:
+        yield
     except DrainTimeoutExceeded as exc:
         raise HTTPException(
             503, detail=str(exc), headers={"Retry-After": str(exc.retry_after)}
         ) from exc
     except TimeoutError as exc:
-        raise HTTPException(504, detail=f"brief exceeded request_timeout_s={timeout}") from exc
+        raise HTTPException(504, detail=f"{what} exceeded request_timeout_s={timeout}") from exc
     except NoModelLoaded as exc:
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from exc
-    except BriefError as exc:
-        raise HTTPException(422, detail=str(exc)) from exc
-    return brief.result, brief.version
 
 
 async def health() -> dict[str, str]:
@@ -842,7 +852,7 @@ async def _create_dna(
 
     placement = state.placement
     timeout = state.settings.request_timeout_s
-    try:
+    with _model_work_errors("request", timeout):
         if placement.next_inline():
             clean = placement.clean()
             version, payload, seconds, source = work()
@@ -858,14 +868,6 @@ async def _create_dna(
                 asyncio.wrap_future(job), timeout=timeout
             )
             placement.observe(seconds, inline=False)
-    except DrainTimeoutExceeded as exc:
-        raise HTTPException(
-            503, detail=str(exc), headers={"Retry-After": str(exc.retry_after)}
-        ) from exc
-    except TimeoutError as exc:
-        raise HTTPException(504, detail=f"request exceeded request_timeout_s={timeout}") from exc
-    except NoModelLoaded as exc:
-        raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from exc
     if isinstance(payload, str):
         raise HTTPException(422, detail=payload)
     headers = {VERSION_HEADER: version, BRIEF_SOURCE_HEADER: source}

@@ -146,11 +146,20 @@ class GenerationBatcher:
             self._cond.notify()
         return request.future
 
-    def close(self) -> None:
-        """Answer what is queued, then let the thread end (the model is being retired)."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """Answer what is queued, then let the thread end (the model is being retired).
+
+        Args:
+            wait_s: how long to wait for the thread to end. A process that exits while a
+                ``generate`` still runs on it is aborted by the C++ runtime ("terminate called
+                without an active exception"), so a shutdown waits for the batch in flight.
+        """
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and wait_s > 0:
+            thread.join(wait_s)
 
     @property
     def pending(self) -> int:

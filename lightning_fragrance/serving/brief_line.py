@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # "brief_llm": the line's name in the admin API and its `model` metric label (ModelLine).
 BRIEF_MODEL_NAME = DEFAULT_MODEL_NAME
 WARMUP_TEXT = "a fresh citrus scent for summer, not too sweet"
+CLOSE_WAIT_S = 30.0
+"""How long retiring a brief model waits for its batch in flight (a drained reload has none; a
+shutdown may have one whose request already timed out). As uvicorn's graceful shutdown."""
 
 # Decoding per mode for the brief model trained here (its answers are at most ~96 tokens):
 # fast = greedy (deterministic, the shortest budget), balanced = mild nucleus sampling,
@@ -122,8 +125,9 @@ class BriefLLMModel:
         return output, int(inputs["input_ids"].shape[1])
 
     def close(self) -> None:
-        """The manager retired this version: answer what is queued, then free the thread."""
-        self.batcher.close()
+        """The manager retired this version: answer what is queued, then free the thread once
+        the batch in flight is generated (at most `CLOSE_WAIT_S`)."""
+        self.batcher.close(wait_s=CLOSE_WAIT_S)
 
 
 def brief_llm_warmup(model: BriefLLMModel) -> torch.Tensor:

@@ -240,3 +240,12 @@ def test_metrics_count_the_real_models_briefs_and_each_lines_versions_and_reload
     # The policy's own model_* series are untouched by the brief line's reload.
     assert 'model_reload_total{result="success"} 0.0' in text
     assert f'model_info{{role="current",version="{V1}"}} 1.0' in text
+
+
+def test_a_brief_past_the_request_timeout_gets_504_naming_the_setting(export_dir: Path) -> None:
+    # 1 ms cannot hold a generate of up to 96 tokens: the brief stage times out, and the answer
+    # says which limit it ran into (the generation itself finishes on its own thread).
+    with make_client(export_dir, request_timeout_s=0.001) as test_client:
+        response = dna(test_client)
+    assert response.status_code == 504, response.text
+    assert response.json()["detail"] == "brief exceeded request_timeout_s=0.001"

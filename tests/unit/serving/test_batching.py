@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import Future
 
@@ -116,3 +117,22 @@ def test_the_thread_ends_when_idle_and_a_new_request_starts_another() -> None:
         first_thread.join(10)
     assert batcher._thread is None
     assert batcher.submit("b", FAST).result(10) == "B"
+
+
+def test_close_with_a_wait_returns_only_after_the_batch_in_flight_was_generated() -> None:
+    started, release = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def slow(texts: list[str], mode: BriefMode) -> list[str]:
+        started.set()
+        assert release.wait(10)
+        finished.extend(texts)
+        return [t.upper() for t in texts]
+
+    batcher = GenerationBatcher(slow, max_batch_size=8, max_wait_s=0.0)
+    pending = batcher.submit("running", FAST)
+    assert started.wait(10)
+    threading.Timer(0.2, release.set).start()
+    batcher.close(wait_s=10)  # a process exiting now must not abort a generate mid-way
+    assert finished == ["running"] and pending.done()
+    assert batcher._thread is None
