@@ -214,3 +214,21 @@ class SeverableProxy:
                 return False
             self._budget -= nbytes
             return self._budget < 0
+
+
+def severable_client() -> tuple[SeverableProxy, Any]:
+    """A proxy in front of this session's server and an s3fs client that goes through it with
+    explicit settings (the storage_options a user passes) and no retries, so a cut connection
+    is an error at once."""
+    import s3fs
+
+    proxy = SeverableProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    fs = s3fs.S3FileSystem(
+        endpoint_url=proxy.endpoint,
+        key=ACCESS_KEY,
+        secret=SECRET_KEY,
+        skip_instance_cache=True,
+        config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10},
+    )
+    fs.retries = 1
+    return proxy, fs

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,12 +18,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from moto_s3 import (
-    ACCESS_KEY,
-    SECRET_KEY,
-    SeverableProxy,
     new_bucket,
     observer_client,
     s3_session,
+    severable_client,
 )
 from moto_s3 import require_moto as _require_moto
 from torch import nn
@@ -190,18 +187,7 @@ class _Errors(NullObserver):
 def test_an_upload_cut_midway_leaves_no_listed_checkpoint_and_training_goes_on(
     bucket: str,
 ) -> None:
-    target_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    proxy = SeverableProxy(target_port)
-    # Explicit client settings (the storage_options a user passes): the endpoint behind the
-    # proxy, credentials, and no retries, so the cut is an error at once.
-    fs = s3fs.S3FileSystem(
-        endpoint_url=proxy.endpoint,
-        key=ACCESS_KEY,
-        secret=SECRET_KEY,
-        skip_instance_cache=True,
-        config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10},
-    )
-    fs.retries = 1
+    proxy, fs = severable_client()
     errors = _Errors()
     manager = CheckpointManager(
         f"{bucket}/run", save_interval=2, observers=[errors], fs=fs, async_save=False

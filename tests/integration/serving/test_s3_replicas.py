@@ -26,13 +26,11 @@ import pytest
 # The S3 server helper lives with the checkpoint store's object-store tests; one copy serves both.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpointing"))
 from moto_s3 import (
-    ACCESS_KEY,
-    SECRET_KEY,
-    SeverableProxy,
     client_environment,
     new_bucket,
     observer_client,
     s3_session,
+    severable_client,
 )
 from moto_s3 import require_moto as _require_moto
 from serving_server import AUTH, REPO, TOKEN
@@ -51,7 +49,6 @@ from lightning_fragrance.serving.loading import (
 from lightning_fragrance.serving.object_store import publish_export_directory
 
 _require_moto()
-import s3fs  # noqa: E402  (after the check: a missing s3fs fails on CI with the way out)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -229,18 +226,7 @@ def test_an_export_upload_cut_midway_publishes_no_version(bucket: str, tmp_path:
     good = _name(export(checkpoint, url, make_current=True))
     staged = export(checkpoint, tmp_path / "local")  # what lf-export stages before uploading
 
-    target_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    proxy = SeverableProxy(target_port)
-    # Explicit client settings (the storage_options a user passes): the endpoint behind the
-    # proxy, credentials, and no retries, so the cut is an error at once.
-    fs = s3fs.S3FileSystem(
-        endpoint_url=proxy.endpoint,
-        key=ACCESS_KEY,
-        secret=SECRET_KEY,
-        skip_instance_cache=True,
-        config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10},
-    )
-    fs.retries = 1
+    proxy, fs = severable_client()
     try:
         proxy.sever_after(64 * 1024)  # the upload loses the network after 64 KB
         with pytest.raises(ExportError, match="no version was published"):
